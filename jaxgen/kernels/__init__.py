@@ -1,0 +1,1 @@
+"""Attention kernels: one entry point (`attention.attention`), a Pallas flash kernel, an XLA reference."""

@@ -1,0 +1,125 @@
+"""The device mesh, the one table mapping logical axis names to mesh axes, and the shardings built from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Auto axes: shardings are set at jit boundaries and logical constraints, and XLA propagates the rest.
+AUTO_AXES = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+
+# Logical name -> mesh axes. Batches split over data and fsdp; fsdp also shards the embed dimension of every
+# parameter (ZeRO-3 style); tensor shards heads, the MLP and the vocabulary (Megatron style).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("kv_length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolves the (data, fsdp, tensor) sizes, where one -1 takes the remaining devices."""
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1; got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {num_devices} are "
+            "available; set mesh sizes whose product is the device count, or one of them to -1"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh over all (or the given) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    if len(devices) == len(jax.devices()):
+        # jax.make_mesh orders devices along the physical topology (ICI rings on TPU).
+        return jax.make_mesh(shape, MESH_AXES, axis_types=AUTO_AXES, devices=devices)
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=AUTO_AXES)
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide, so small or odd-sized leaves are replicated."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for name in names:
+            size = math.prod(mesh.shape[n] for n in kept + [name])
+            if dim % size == 0:
+                kept.append(name)
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes."""
+    logical_specs = nn.get_partition_spec(abstract_tree)
+    mesh_specs = nn.logical_to_mesh(logical_specs, LOGICAL_RULES)
+    unboxed = strip_boxes(abstract_tree)
+
+    def to_sharding(spec: PartitionSpec | None, leaf: Any) -> NamedSharding:
+        spec = PartitionSpec() if spec is None else spec
+        return NamedSharding(mesh, _fit_spec(spec, tuple(getattr(leaf, "shape", ())), mesh))
+
+    return jax.tree.map(
+        to_sharding,
+        mesh_specs,
+        unboxed,
+        is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None,
+    )
+
+
+def strip_boxes(tree: Any) -> Any:
+    """The values of `nn.LogicallyPartitioned` leaves, without the sharding constraint `unbox` applies."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over data and fsdp; every other dimension replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that puts a full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles this process's rows into global arrays sharded over (data, fsdp)."""
+    sharding = batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in local_batch.items()
+    }
+
+
+def axis_rules():
+    """Context manager that activates the logical-axis rules (for tracing models with constraints)."""
+    return nn.logical_axis_rules(LOGICAL_RULES)

@@ -1,0 +1,1 @@
+"""Training: state, optimizers, the sharded train step, checkpoints and the loop."""

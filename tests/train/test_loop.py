@@ -1,0 +1,301 @@
+"""The training loop end to end on tiny configs: metrics, eval, checkpoints, resume, preemption, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgen import config as config_lib
+from jaxgen.data.corpus import CorpusError
+from jaxgen.train import loop
+from jaxgen.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = {
+    "bert": [
+        "model.num_layers=1",
+        "model.d_model=32",
+        "model.num_heads=2",
+        "model.head_dim=16",
+        "model.d_ff=64",
+        "model.vocab_size=1000",
+        "data.seq_len=32",
+        "data.max_predictions=5",
+        "data.eval_documents=4",
+        "train.batch_size=8",
+        "train.eval_steps=1",
+    ],
+    "gpt": [
+        "model.num_layers=1",
+        "model.d_model=32",
+        "model.num_heads=2",
+        "model.head_dim=16",
+        "model.d_ff=64",
+        "model.vocab_size=1000",
+        "data.seq_len=32",
+        "data.eval_documents=4",
+        "train.batch_size=8",
+        "train.eval_steps=1",
+    ],
+    "t5": [
+        "model.num_layers=1",
+        "model.num_decoder_layers=1",
+        "model.d_model=32",
+        "model.num_heads=2",
+        "model.head_dim=16",
+        "model.d_ff=64",
+        "model.vocab_size=1000",
+        "data.seq_len=32",
+        "data.eval_documents=4",
+        "train.batch_size=8",
+        "train.eval_steps=1",
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/token cache for the whole session: training a vocabulary is the slow part."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(family, cache_dir, *extra):
+    overrides = TINY[family] + [
+        f"data.cache_dir={cache_dir}",
+        "train.num_steps=6",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
+    return config_lib.load_config(f"configs/{family}.py:smoke", overrides)
+
+
+def losses(workdir, split="train"):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == split}
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, cache_dir):
+    """An uninterrupted 6-step tiny BERT run, shared by the tests that compare against it."""
+    workdir = tmp_path_factory.mktemp("bert_full")
+    loop.train(tiny_config("bert", cache_dir), workdir)
+    return workdir
+
+
+def test_run_writes_metrics_config_checkpoints_and_done(bert_run):
+    rows = read_metrics(bert_run)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    eval_rows = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in eval_rows] == [0, 3, 6]
+    for key in (
+        "loss",
+        "mlm_loss",
+        "mlm_accuracy",
+        "nsp_loss",
+        "nsp_accuracy",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_sec",
+    ):
+        assert key in train_rows[-1], key
+        assert np.isfinite(train_rows[-1][key])
+    assert {"loss", "mlm_loss", "nsp_accuracy"} <= set(eval_rows[-1])
+    assert json.loads((bert_run / "config.json").read_text())["model"]["family"] == "bert"
+    assert sorted(
+        int(p.name) for p in (bert_run / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [3, 6]
+    assert (bert_run / "DONE").exists()
+    assert any(p.name.startswith("events.out.tfevents") for p in bert_run.iterdir())
+    assert (bert_run / "tokenizer").is_dir()
+
+
+def test_same_seed_gives_bit_identical_losses(bert_run, tmp_path, cache_dir):
+    loop.train(tiny_config("bert", cache_dir), tmp_path)
+    assert losses(tmp_path) == losses(bert_run)
+
+
+def test_resume_continues_exactly(bert_run, tmp_path, cache_dir):
+    # Stop after 3 of 6 steps (same schedule: decay_steps pinned to 6), then rerun the full command.
+    loop.train(tiny_config("bert", cache_dir, "train.num_steps=3", "optim.decay_steps=6"), tmp_path)
+    assert max(losses(tmp_path)) == 3
+    loop.train(tiny_config("bert", cache_dir, "optim.decay_steps=6"), tmp_path)
+    full, resumed = losses(bert_run), losses(tmp_path)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    assert losses(tmp_path, "eval")[6] == pytest.approx(losses(bert_run, "eval")[6], rel=1e-5)
+
+
+def test_rerunning_a_finished_run_does_nothing(bert_run, cache_dir):
+    before = (bert_run / "metrics.jsonl").read_text()
+    loop.train(tiny_config("bert", cache_dir), bert_run)
+    assert (bert_run / "metrics.jsonl").read_text() == before
+
+
+def test_partial_checkpoint_is_ignored_and_cleaned(bert_run, tmp_path, cache_dir):
+    import shutil
+
+    shutil.copytree(bert_run, tmp_path / "run")
+    run = tmp_path / "run"
+    (run / "DONE").unlink()
+    # What a process killed mid-save leaves behind: a temporary directory that was never renamed.
+    partial = run / "checkpoints" / "9.orbax-checkpoint-tmp-123"
+    partial.mkdir()
+    (partial / "junk").write_text("half written")
+    loop.train(tiny_config("bert", cache_dir, "train.num_steps=7", "optim.decay_steps=6"), run)
+    assert not partial.exists()
+    assert max(losses(run)) == 7
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(bert_run, tmp_path, cache_dir):
+    import shutil
+
+    shutil.copytree(bert_run, tmp_path / "run")
+    run = tmp_path / "run"
+    for path in (run / "checkpoints" / "6" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(Exception, match="cannot restore checkpoint"):
+        loop.train(tiny_config("bert", cache_dir, "train.num_steps=8"), run)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+    config = tiny_config("bert", cache_dir, "optim.learning_rate=1e30", "optim.clip_norm=0.0")
+    with pytest.raises(loop.NonFiniteLossError, match=r"NaN or Inf at step \d+"):
+        loop.train(config, tmp_path)
+    saved = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert not (tmp_path / "DONE").exists()
+    for path in saved:  # anything saved was saved before the loss went bad
+        assert int(path.name) < 6
+
+
+def test_spike_guard_skips_nonfinite_updates(tmp_path, cache_dir):
+    config = tiny_config(
+        "bert",
+        cache_dir,
+        "optim.learning_rate=1e30",
+        "optim.clip_norm=0.0",
+        "train.skip_nonfinite_or_spike=true",
+    )
+    loop.train(config, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert rows[-1]["skipped"] >= 1
+
+
+def test_bad_corpus_fails_before_training(tmp_path, cache_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        loop.train(tiny_config("bert", cache_dir, f"data.corpus={empty}"), tmp_path / "a")
+    one = tmp_path / "one.txt"
+    one.write_text("Just one document.\nWith two sentences.\n")
+    with pytest.raises(CorpusError, match="at least 2"):
+        loop.train(tiny_config("bert", cache_dir, f"data.corpus={one}"), tmp_path / "b")
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_user_text_and_jsonl_corpora_train(tmp_path, cache_dir):
+    docs = [
+        [f"Document {d} sentence {s} talks about topic {d * 7 % 5}." for s in range(30)]
+        for d in range(12)
+    ]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join("\n".join(doc) for doc in docs) + "\n")
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(doc)}) + "\n" for doc in docs))
+    for corpus in (text, jsonl):
+        workdir = tmp_path / corpus.suffix[1:]
+        loop.train(
+            tiny_config(
+                "bert", cache_dir, f"data.corpus={corpus}", "train.num_steps=2", "data.cache_dir="
+            ),
+            workdir,
+        )
+        assert (workdir / "DONE").exists()
+
+
+def _run_cli(args, cwd, **kwargs):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxgen", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_cli_rejects_a_misspelt_key_before_any_work(tmp_path):
+    proc = _run_cli(
+        [
+            "train",
+            "--config",
+            "configs/bert.py:smoke",
+            "--workdir",
+            str(tmp_path / "run"),
+            "--config.optim.learning_rat=1e-4",
+        ],
+        cwd=REPO,
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "did you mean 'optim.learning_rate'" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_final_checkpoint_and_the_rerun_resumes(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    # A run far too long to finish; constant learning rate so that num_steps does not shape the schedule.
+    common = TINY["bert"] + [
+        f"data.cache_dir={cache_dir}",
+        "train.log_every=1",
+        "train.eval_every=100000",
+        "train.checkpoint_every=100000",
+        "optim.schedule=constant",
+        "optim.warmup_steps=0",
+    ]
+    args = ["train", "--config", "configs/bert.py:smoke", "--workdir", str(workdir)]
+    args += [f"--config.{o}" for o in common]
+    proc = _run_cli(args + ["--config.train.num_steps=100000"], cwd=REPO)
+    deadline = time.time() + 240
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out
+    assert "SIGTERM received: saved a checkpoint at step" in out
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    stopped = steps[-1]
+    assert stopped >= 5
+    proc = _run_cli(args + [f"--config.train.num_steps={stopped + 3}"], cwd=REPO)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    reference = tmp_path / "reference"
+    loop.train(
+        config_lib.load_config(
+            "configs/bert.py:smoke", common + [f"train.num_steps={stopped + 3}"]
+        ),
+        reference,
+    )
+    full, resumed = losses(reference), losses(workdir)
+    assert sorted(resumed) == list(range(1, stopped + 4))
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
