@@ -1,0 +1,1 @@
+"""Data: corpora (documents of sentences), tokenizers, and the grain pipeline that makes batches."""

@@ -1,0 +1,366 @@
+"""BERT pretraining: masked language modelling + next sentence prediction (Devlin et al. 2018).
+
+Host side (numpy, explicit `np.random.Generator`) follows google-research/bert
+`create_pretraining_data.py`: sentence pairs from consecutive sentences with `short_seq_prob`
+shorter targets, a random B segment from another document with `random_next_prob` (unused sentences
+put back), `truncate_seq_pair` trimming the longer side at a random end, layout `[CLS] A [SEP] B
+[SEP]`, and 80/10/10 masking of `min(max_predictions, max(1, round(n_candidates * mask_prob)))`
+positions, optionally whole words.
+
+Device side (pure jnp): `model_inputs(batch)` and `loss_and_metrics(outputs, batch)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BATCH_KEYS = (
+    "input_ids",
+    "segment_ids",
+    "attention_mask",
+    "masked_positions",
+    "masked_ids",
+    "masked_weights",
+    "next_sentence_labels",
+)
+IS_NEXT, NOT_NEXT = 0, 1  # google-research/bert's next_sentence_labels
+
+
+@dataclasses.dataclass
+class SentencePair:
+    """One NSP instance before masking; `b_document` is B's source (A's document for IsNext)."""
+
+    tokens_a: np.ndarray  # [len_a] int32
+    tokens_b: np.ndarray  # [len_b] int32
+    is_random_next: bool
+    a_document: int
+    b_document: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+    """What masking needs to know about the vocabulary, fixed for a run."""
+
+    mask_prob: float
+    max_predictions: int
+    mask_id: int
+    excluded: (
+        np.ndarray
+    )  # [vocab] bool: ids never selected for prediction ([CLS], [SEP], [PAD], [MASK])
+    random_ids: (
+        np.ndarray
+    )  # ids a "random token" replacement draws from: the non-special vocabulary
+    word_starts: np.ndarray | None = None  # [vocab] bool; set for whole-word masking
+
+
+def masking_spec(
+    tokenizer: Any, mask_prob: float, max_predictions: int, whole_word: bool
+) -> MaskingSpec:
+    """The MaskingSpec of a WordPiece-style tokenizer (with cls_id, sep_id, mask_id, pad_id)."""
+    excluded = np.zeros(tokenizer.vocab_size, dtype=bool)
+    excluded[[tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id]] = True
+    special = np.asarray(tokenizer.special_ids)
+    random_ids = np.setdiff1d(np.arange(tokenizer.vocab_size), special).astype(np.int32)
+    return MaskingSpec(
+        mask_prob=float(mask_prob),
+        max_predictions=int(max_predictions),
+        mask_id=int(tokenizer.mask_id),
+        excluded=excluded,
+        random_ids=random_ids,
+        word_starts=np.asarray(tokenizer.word_starts, dtype=bool) if whole_word else None,
+    )
+
+
+# ---------------------------------------------------------------------------------- sentence pairs
+
+
+def truncate_seq_pair(
+    tokens_a: np.ndarray, tokens_b: np.ndarray, max_num_tokens: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trims the longer of A and B one token at a time, from the front or back at random, to fit.
+
+    Returns the trimmed views (A wins ties, as `max(tokens_a, tokens_b, key=len)` does in the
+    original).
+    """
+    a_start, a_end, b_start, b_end = 0, len(tokens_a), 0, len(tokens_b)
+    while (a_end - a_start) + (b_end - b_start) > max_num_tokens:
+        trim_a = (a_end - a_start) >= (b_end - b_start)
+        from_front = rng.random() < 0.5
+        if trim_a:
+            a_start, a_end = (a_start + 1, a_end) if from_front else (a_start, a_end - 1)
+        else:
+            b_start, b_end = (b_start + 1, b_end) if from_front else (b_start, b_end - 1)
+    return tokens_a[a_start:a_end], tokens_b[b_start:b_end]
+
+
+def create_instances_from_document(
+    all_documents: Sequence[Sequence[np.ndarray]],
+    document_index: int,
+    max_seq_length: int,
+    short_seq_prob: float,
+    rng: np.random.Generator,
+    random_next_prob: float = 0.5,
+) -> list[SentencePair]:
+    """Sentence pairs from one document (a list of [len] int32 sentences), as google-research/bert
+    makes them.
+
+    Every pair fits `max_seq_length` with its [CLS] and two [SEP]. A random B always comes from a
+    different document (the original retries 10 times and could rarely keep the same one).
+    One-sentence chunks are not forced to be random nexts (see below), so NotNext pairs are
+    `random_next_prob` of all pairs.
+    """
+    document = all_documents[document_index]
+    max_num_tokens = max_seq_length - 3
+    # Usually fill the whole sequence; sometimes (short_seq_prob) aim shorter, to match fine-tuning
+    # lengths.
+    target_seq_length = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_seq_length = int(rng.integers(2, max_num_tokens + 1))
+
+    instances = []
+    current_chunk: list[np.ndarray] = []
+    current_length = 0
+    i = 0
+    while i < len(document):
+        segment = document[i]
+        current_chunk.append(segment)
+        current_length += len(segment)
+        if i == len(document) - 1 or current_length >= target_seq_length:
+            if current_chunk:
+                # a_end: how many chunk sentences go into A.
+                a_end = 1
+                if len(current_chunk) >= 2:
+                    a_end = int(rng.integers(1, len(current_chunk)))
+                tokens_a = np.concatenate(current_chunk[:a_end])
+
+                b_document = document_index
+                is_random_next = rng.random() < random_next_prob
+                if len(current_chunk) == 1 and not is_random_next:
+                    # Deviation from the original, which turns every one-sentence chunk into a
+                    # random next: with long sentences, short sequences or short documents that
+                    # skews labels towards NotNext (58% at seq_len 64 on the built-in corpus). Here
+                    # B is the following sentence when there is one, and at a document's end the
+                    # pair is skipped, so labels follow random_next_prob exactly.
+                    if i + 1 == len(document):
+                        break
+                    i += 1
+                    current_chunk.append(document[i])
+                if is_random_next:
+                    target_b_length = target_seq_length - len(tokens_a)
+                    b_document = int(rng.integers(0, len(all_documents) - 1))
+                    b_document += b_document >= document_index  # any document but this one
+                    random_document = all_documents[b_document]
+                    random_start = int(rng.integers(0, len(random_document)))
+                    pieces, length = [], 0
+                    for j in range(random_start, len(random_document)):
+                        pieces.append(random_document[j])
+                        length += len(random_document[j])
+                        if length >= target_b_length:
+                            break
+                    tokens_b = np.concatenate(pieces)
+                    # The chunk's sentences after A were not used: put them back for the next pair.
+                    i -= len(current_chunk) - a_end
+                else:
+                    tokens_b = np.concatenate(current_chunk[a_end:])
+                tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+                if len(tokens_a) >= 1 and len(tokens_b) >= 1:
+                    instances.append(
+                        SentencePair(tokens_a, tokens_b, is_random_next, document_index, b_document)
+                    )
+            current_chunk = []
+            current_length = 0
+        i += 1
+    return instances
+
+
+def create_pairs(
+    all_documents: Sequence[Sequence[np.ndarray]],
+    *,
+    dupe_factor: int,
+    max_seq_length: int,
+    short_seq_prob: float,
+    random_next_prob: float,
+    rng: np.random.Generator,
+) -> list[SentencePair]:
+    """All pairs of `dupe_factor` passes over the documents (each pairs sentences anew)."""
+    if len(all_documents) < 2:
+        raise ValueError(f"NSP needs at least two documents, got {len(all_documents)}")
+    pairs = []
+    for _ in range(dupe_factor):
+        for index in range(len(all_documents)):
+            pairs.extend(
+                create_instances_from_document(
+                    all_documents, index, max_seq_length, short_seq_prob, rng, random_next_prob
+                )
+            )
+    return pairs
+
+
+def pack_pair(
+    tokens_a: np.ndarray,
+    tokens_b: np.ndarray,
+    seq_len: int,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """[CLS] A [SEP] B [SEP] padded to seq_len: input_ids, segment_ids (0 for A part, 1 for B part),
+    attention_mask, each [seq_len] int32."""
+    length = len(tokens_a) + len(tokens_b) + 3
+    if length > seq_len:
+        raise ValueError(f"pair of {length} tokens does not fit seq_len={seq_len}")
+    input_ids = np.full(seq_len, pad_id, dtype=np.int32)
+    input_ids[0] = cls_id
+    input_ids[1 : 1 + len(tokens_a)] = tokens_a
+    input_ids[1 + len(tokens_a)] = sep_id
+    input_ids[2 + len(tokens_a) : length - 1] = tokens_b
+    input_ids[length - 1] = sep_id
+    segment_ids = np.zeros(seq_len, dtype=np.int32)
+    segment_ids[len(tokens_a) + 2 : length] = 1
+    attention_mask = np.zeros(seq_len, dtype=np.int32)
+    attention_mask[:length] = 1
+    return {"input_ids": input_ids, "segment_ids": segment_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------------------- masking
+
+
+def _whole_word_selection(
+    candidates: np.ndarray,
+    ids: np.ndarray,
+    word_starts: np.ndarray,
+    num_to_predict: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    # A candidate continues the previous word if it is a continuation piece directly after it.
+    starts = word_starts[ids[candidates]]
+    starts[1:] |= np.diff(candidates) != 1
+    starts[0] = True
+    groups = np.split(candidates, np.flatnonzero(starts)[1:])
+    chosen: list[np.ndarray] = []
+    count = 0
+    for g in rng.permutation(len(groups)):
+        if count >= num_to_predict:
+            break
+        # A word that would overshoot the budget is skipped, as in the original.
+        if count + len(groups[g]) > num_to_predict:
+            continue
+        chosen.append(groups[g])
+        count += len(groups[g])
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=candidates.dtype)
+
+
+def mask_tokens(
+    input_ids: np.ndarray, attention_mask: np.ndarray, spec: MaskingSpec, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Masks one sequence: returns input_ids [T] (with replacements), masked_positions, masked_ids
+    [P] int32 and masked_weights [P] float32 (P = max_predictions; padding predictions have weight
+    0, position 0)."""
+    real = attention_mask.astype(bool) & ~spec.excluded[input_ids]
+    candidates = np.flatnonzero(real)
+    num_to_predict = min(spec.max_predictions, max(1, round(len(candidates) * spec.mask_prob)))
+    if spec.word_starts is None:
+        positions = rng.permutation(candidates)[:num_to_predict]
+    else:
+        positions = _whole_word_selection(
+            candidates, input_ids, spec.word_starts, num_to_predict, rng
+        )
+    positions = np.sort(positions)
+    labels = input_ids[positions]
+
+    # 80% [MASK], 10% unchanged, 10% a random non-special token.
+    draw = rng.random(len(positions))
+    random_tokens = spec.random_ids[rng.integers(0, len(spec.random_ids), len(positions))]
+    replaced = np.where(draw < 0.8, spec.mask_id, np.where(draw < 0.9, labels, random_tokens))
+    output_ids = input_ids.copy()
+    output_ids[positions] = replaced
+
+    n, P = len(positions), spec.max_predictions
+    masked_positions = np.zeros(P, dtype=np.int32)
+    masked_ids = np.zeros(P, dtype=np.int32)
+    masked_weights = np.zeros(P, dtype=np.float32)
+    masked_positions[:n], masked_ids[:n], masked_weights[:n] = positions, labels, 1.0
+    return {
+        "input_ids": output_ids,
+        "masked_positions": masked_positions,
+        "masked_ids": masked_ids,
+        "masked_weights": masked_weights,
+    }
+
+
+def make_example(
+    tokens_a: np.ndarray,
+    tokens_b: np.ndarray,
+    is_random_next: bool,
+    rng: np.random.Generator,
+    spec: MaskingSpec,
+    *,
+    seq_len: int,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """One BERT example (the contract's batch keys, unbatched): packed pair, masks, NSP label."""
+    example = pack_pair(tokens_a, tokens_b, seq_len, cls_id, sep_id, pad_id)
+    example.update(mask_tokens(example["input_ids"], example["attention_mask"], spec, rng))
+    example["next_sentence_labels"] = np.int32(NOT_NEXT if is_random_next else IS_NEXT)
+    return example
+
+
+# ------------------------------------------------------------------------------------- device side
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The BERT module's apply kwargs from a batch."""
+    return {
+        "input_ids": batch["input_ids"],
+        "segment_ids": batch["segment_ids"],
+        "attention_mask": batch["attention_mask"],
+        "masked_positions": batch["masked_positions"],
+    }
+
+
+def loss_and_metrics(
+    outputs: dict[str, jax.Array], batch: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+    """loss = weighted-mean MLM cross-entropy over real predictions + mean NSP cross-entropy
+    (float32).
+
+    outputs: mlm_logits [B, P, V], nsp_logits [B, 2]. Metrics are (sum, weight) pairs.
+    """
+    mlm_logits = outputs["mlm_logits"].astype(jnp.float32)  # [B, P, V]
+    labels = batch["masked_ids"].astype(jnp.int32)  # [B, P]
+    weights = batch["masked_weights"].astype(jnp.float32)  # [B, P]
+    log_probs = jax.nn.log_softmax(mlm_logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]  # [B, P]
+    mlm_sum = jnp.sum(nll * weights)
+    mlm_weight = jnp.sum(weights)
+    # A batch with no real predictions contributes zero loss rather than NaN.
+    mlm_loss = mlm_sum / jnp.maximum(mlm_weight, 1.0)
+    mlm_correct = jnp.sum((jnp.argmax(mlm_logits, axis=-1) == labels) * weights)
+
+    nsp_logits = outputs["nsp_logits"].astype(jnp.float32)  # [B, 2]
+    nsp_labels = batch["next_sentence_labels"].astype(jnp.int32)  # [B]
+    nsp_nll = -jnp.take_along_axis(jax.nn.log_softmax(nsp_logits), nsp_labels[:, None], axis=-1)[
+        :, 0
+    ]
+    nsp_count = jnp.asarray(nsp_labels.shape[0], jnp.float32)
+    nsp_loss = jnp.sum(nsp_nll) / nsp_count
+    nsp_correct = jnp.sum((jnp.argmax(nsp_logits, axis=-1) == nsp_labels).astype(jnp.float32))
+
+    loss = mlm_loss + nsp_loss
+    one = jnp.ones((), jnp.float32)
+    metrics = {
+        "loss": (loss, one),
+        "mlm_loss": (mlm_sum, mlm_weight),
+        "mlm_accuracy": (mlm_correct, mlm_weight),
+        "nsp_loss": (jnp.sum(nsp_nll), nsp_count),
+        "nsp_accuracy": (nsp_correct, nsp_count),
+    }
+    return loss, metrics

@@ -1,0 +1,262 @@
+"""MLM + NSP: pair creation, truncation, layout, masking statistics and the loss, on synthetic token
+ids."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen import objectives
+from jaxgen.objectives import mlm_nsp
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+VOCAB = 1000
+NUM_DOCS = 20
+SEQ_LEN = 64
+MAX_PREDICTIONS = 20
+
+
+def synthetic_documents(seed: int = 0) -> list[list[np.ndarray]]:
+    """Documents whose every token is ≡ document index (mod NUM_DOCS), so any span names its
+    source."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for d in range(NUM_DOCS):
+        sentences = []
+        for _ in range(rng.integers(3, 15)):
+            k = rng.integers(0, (VOCAB - 10 - d) // NUM_DOCS, size=rng.integers(3, 40))
+            sentences.append((10 + d + NUM_DOCS * k).astype(np.int32))
+        docs.append(sentences)
+    return docs
+
+
+def spec(whole_word: bool = False, word_starts: np.ndarray | None = None) -> mlm_nsp.MaskingSpec:
+    excluded = np.zeros(VOCAB, bool)
+    excluded[[PAD, CLS, SEP, MASK]] = True
+    return mlm_nsp.MaskingSpec(
+        mask_prob=0.15,
+        max_predictions=MAX_PREDICTIONS,
+        mask_id=MASK,
+        excluded=excluded,
+        random_ids=np.arange(5, VOCAB, dtype=np.int32),
+        word_starts=word_starts if whole_word else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[mlm_nsp.SentencePair]:
+    return mlm_nsp.create_pairs(
+        synthetic_documents(),
+        dupe_factor=25,
+        max_seq_length=SEQ_LEN,
+        short_seq_prob=0.1,
+        random_next_prob=0.5,
+        rng=np.random.default_rng(1),
+    )
+
+
+@pytest.fixture(scope="module")
+def examples(pairs) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    return [
+        mlm_nsp.make_example(
+            p.tokens_a,
+            p.tokens_b,
+            p.is_random_next,
+            rng,
+            spec(),
+            seq_len=SEQ_LEN,
+            cls_id=CLS,
+            sep_id=SEP,
+            pad_id=PAD,
+        )
+        for p in pairs
+    ]
+
+
+def test_pairs_fit_and_are_nonempty(pairs):
+    assert len(pairs) > 1500
+    for p in pairs:
+        assert len(p.tokens_a) >= 1 and len(p.tokens_b) >= 1
+        assert len(p.tokens_a) + len(p.tokens_b) + 3 <= SEQ_LEN
+
+
+def test_nsp_balance_and_random_next_from_another_document(pairs):
+    random_next = np.array([p.is_random_next for p in pairs])
+    assert abs(random_next.mean() - 0.5) < 0.05
+    for p in pairs:
+        assert np.all(p.tokens_a % NUM_DOCS == (10 + p.a_document) % NUM_DOCS)
+        assert np.all(p.tokens_b % NUM_DOCS == (10 + p.b_document) % NUM_DOCS)
+        assert (p.b_document != p.a_document) == p.is_random_next
+
+
+def test_is_next_b_continues_a():
+    # One long document of single-token sentences 10, 11, 12...: B must start right after A ends.
+    docs = [[np.array([10 + i], np.int32) for i in range(200)], [np.array([500], np.int32)] * 5]
+    rng = np.random.default_rng(0)
+    found = 0
+    for _ in range(20):
+        for p in mlm_nsp.create_instances_from_document(docs, 0, 16, 0.0, rng):
+            if not p.is_random_next:
+                found += 1
+                assert p.tokens_b[0] == p.tokens_a[-1] + 1
+    assert found > 0
+
+
+def test_layout_and_segment_ids(examples, pairs):
+    for p, e in zip(pairs[:200], examples[:200], strict=True):
+        la, lb = len(p.tokens_a), len(p.tokens_b)
+        n = la + lb + 3
+        ids = e["input_ids"].copy()
+        real = e["masked_weights"] > 0
+        ids[e["masked_positions"][real]] = e["masked_ids"][real]  # undo masking
+        assert ids[0] == CLS and ids[la + 1] == SEP and ids[n - 1] == SEP
+        np.testing.assert_array_equal(ids[1 : la + 1], p.tokens_a)
+        np.testing.assert_array_equal(ids[la + 2 : n - 1], p.tokens_b)
+        assert np.all(ids[n:] == PAD)
+        np.testing.assert_array_equal(
+            e["segment_ids"], [0] * (la + 2) + [1] * (lb + 1) + [0] * (SEQ_LEN - n)
+        )
+        np.testing.assert_array_equal(e["attention_mask"], [1] * n + [0] * (SEQ_LEN - n))
+        assert e["next_sentence_labels"] == (1 if p.is_random_next else 0)
+
+
+def test_masking_statistics(examples, pairs):
+    selected = candidates = 0
+    masked = kept = random = 0
+    for p, e in zip(pairs, examples, strict=True):
+        w = e["masked_weights"]
+        n = int(w.sum())
+        positions = e["masked_positions"][:n]
+        labels = e["masked_ids"][:n]
+        n_candidates = len(p.tokens_a) + len(p.tokens_b)
+        assert n == min(MAX_PREDICTIONS, max(1, round(n_candidates * 0.15)))
+        assert np.all(w[:n] == 1.0) and np.all(w[n:] == 0.0)
+        assert np.all(e["masked_positions"][n:] == 0) and np.all(e["masked_ids"][n:] == 0)
+        assert np.all(np.diff(positions) > 0)  # sorted, unique
+        assert np.all(e["attention_mask"][positions] == 1)
+        assert not np.isin(labels, [PAD, CLS, SEP, MASK]).any()  # no special token selected
+        out = e["input_ids"][positions]
+        masked += np.sum(out == MASK)
+        kept += np.sum(out == labels)
+        random += np.sum((out != MASK) & (out != labels))
+        assert not np.isin(out[out != MASK], [PAD, CLS, SEP, UNK]).any()
+        selected += n
+        candidates += n_candidates
+    assert abs(selected / candidates - 0.15) < 0.01
+    assert abs(masked / selected - 0.8) < 0.02
+    assert abs(kept / selected - 0.1) < 0.02
+    assert abs(random / selected - 0.1) < 0.02
+
+
+def test_whole_word_masking_keeps_words_together():
+    word_starts = np.ones(VOCAB, bool)
+    word_starts[500:] = False  # ids ≥ 500 continue the previous piece's word
+    s = spec(whole_word=True, word_starts=word_starts)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        tokens = rng.integers(10, VOCAB, size=50).astype(np.int32)
+        e = mlm_nsp.make_example(
+            tokens[:25],
+            tokens[25:],
+            False,
+            rng,
+            s,
+            seq_len=SEQ_LEN,
+            cls_id=CLS,
+            sep_id=SEP,
+            pad_id=PAD,
+        )
+        n = int(e["masked_weights"].sum())
+        assert 1 <= n <= MAX_PREDICTIONS
+        chosen = set(e["masked_positions"][:n].tolist())
+        ids = np.concatenate([[CLS], tokens[:25], [SEP], tokens[25:], [SEP]])
+        for pos in chosen:
+            # Every piece of a chosen word is chosen: its neighbours inside the same word too.
+            if not word_starts[ids[pos]] and ids[pos - 1] not in (CLS, SEP):
+                assert pos - 1 in chosen
+            if pos + 1 < len(ids) and not word_starts[ids[pos + 1]] and ids[pos + 1] != SEP:
+                assert pos + 1 in chosen
+
+
+def test_truncate_seq_pair():
+    rng = np.random.default_rng(0)
+    fronts = backs = 0
+    for _ in range(200):
+        a = np.arange(100, 100 + rng.integers(1, 60))
+        b = np.arange(500, 500 + rng.integers(1, 60))
+        ta, tb = mlm_nsp.truncate_seq_pair(a, b, 40, rng)
+        assert len(ta) + len(tb) == min(40, len(a) + len(b))
+        assert len(ta) >= 1 and len(tb) >= 1
+        for orig, cut in ((a, ta), (b, tb)):
+            start = int(cut[0] - orig[0])
+            np.testing.assert_array_equal(cut, orig[start : start + len(cut)])  # contiguous slice
+            fronts += start > 0
+            backs += cut[-1] < orig[-1]
+        if len(a) + len(b) > 40:
+            # The longer side is trimmed first, so neither ends up much longer than the other unless
+            # it was the shorter side that already fit.
+            assert len(ta) >= min(len(a), 20) and len(tb) >= min(len(b), 20)
+    assert fronts > 20 and backs > 20
+    # Ties trim A, as max(tokens_a, tokens_b, key=len) does in the original.
+    ta, tb = mlm_nsp.truncate_seq_pair(np.arange(5), np.arange(5), 9, np.random.default_rng(0))
+    assert (len(ta), len(tb)) == (4, 5)
+
+
+def _outputs_and_batch(seed=0, B=4, P=6, V=50):
+    rng = np.random.default_rng(seed)
+    weights = np.ones((B, P), np.float32)
+    weights[:, 4:] = 0.0
+    weights[0, 2:] = 0.0
+    batch = {
+        "masked_ids": rng.integers(0, V, (B, P)).astype(np.int32),
+        "masked_weights": weights,
+        "next_sentence_labels": rng.integers(0, 2, B).astype(np.int32),
+    }
+    outputs = {
+        "mlm_logits": rng.normal(size=(B, P, V)).astype(np.float32),
+        "nsp_logits": rng.normal(size=(B, 2)).astype(np.float32),
+    }
+    return outputs, batch
+
+
+def test_loss_matches_reference_and_ignores_padding_predictions():
+    outputs, batch = _outputs_and_batch()
+    loss, metrics = mlm_nsp.loss_and_metrics(outputs, batch)
+
+    logits, labels, w = outputs["mlm_logits"], batch["masked_ids"], batch["masked_weights"]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    mlm = (nll * w).sum() / w.sum()
+    nlogits = outputs["nsp_logits"]
+    nlogp = nlogits - np.log(np.exp(nlogits).sum(-1, keepdims=True))
+    nsp = -np.take_along_axis(nlogp, batch["next_sentence_labels"][:, None], -1).mean()
+    np.testing.assert_allclose(loss, mlm + nsp, rtol=1e-5)
+    s, wt = metrics["mlm_loss"]
+    np.testing.assert_allclose(s / wt, mlm, rtol=1e-5)
+    assert float(wt) == w.sum()
+    assert set(metrics) == {"loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"}
+    assert all(v.dtype == jnp.float32 for pair in metrics.values() for v in pair)
+
+    changed = dict(outputs)
+    changed["mlm_logits"] = np.where(w[..., None] == 0, 100.0 * np.sign(logits), logits)
+    changed_loss, changed_metrics = mlm_nsp.loss_and_metrics(changed, batch)
+    assert float(changed_loss) == float(loss)
+    assert float(changed_metrics["mlm_accuracy"][0]) == float(metrics["mlm_accuracy"][0])
+    changed["mlm_logits"] = logits + 5.0 * (w[..., None] > 0) * np.eye(logits.shape[-1])[0]
+    assert float(mlm_nsp.loss_and_metrics(changed, batch)[0]) != float(loss)
+
+
+def test_model_inputs_keys():
+    batch = {k: np.zeros(1) for k in mlm_nsp.BATCH_KEYS}
+    assert set(mlm_nsp.model_inputs(batch)) == {
+        "input_ids",
+        "segment_ids",
+        "attention_mask",
+        "masked_positions",
+    }
+
+
+def test_objectives_get():
+    assert objectives.get("bert") is mlm_nsp
+    with pytest.raises(ValueError, match="bert.*gpt.*t5"):
+        objectives.get("xlnet")
