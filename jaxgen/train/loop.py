@@ -177,14 +177,15 @@ class DataSource:
         return pipeline.build_dataset(
             self.config,
             self.tokenizer,
-            self.train_docs if split == "train" else self.eval_docs,
             split,
+            documents=self.train_docs if split == "train" else self.eval_docs,
             seed=int(self.config.train.seed),
             batch_size=int(self.config.train.batch_size) // jax.process_count(),
             seq_len=phase.seq_len,
             max_predictions=phase.max_predictions,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            num_batches=int(self.config.train.eval_steps) if split == "eval" else None,
             cache_dir=self.cache_dir,
         )
 
@@ -241,8 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
 
     def eval_batches(phase: Phase) -> list[dict[str, np.ndarray]]:
         if phase.seq_len not in eval_sets:
-            it = data.dataset("eval", phase)
-            eval_sets[phase.seq_len] = [next(it) for _ in range(int(config.train.eval_steps))]
+            eval_sets[phase.seq_len] = list(data.dataset("eval", phase))
         return eval_sets[phase.seq_len]
 
     sample = eval_batches(phases[0])[0]
