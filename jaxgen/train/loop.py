@@ -254,10 +254,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
         max_to_keep=int(config.train.max_to_keep),
         keep_best=bool(config.train.keep_best),
     )
-    start = ckpt.latest_step() or 0
+    latest = ckpt.latest_step()
+    start = latest or 0
     data_state: dict[str, Any] = {}
-    if start:
-        state, data_state = ckpt.restore(start, checkpoint_lib.abstract_like(state, shardings))
+    # `is not None`: a converted checkpoint (jaxgen convert --from hf) is a real checkpoint at step 0.
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, checkpoint_lib.abstract_like(state, shardings))
         log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
     elif config.train.get("init_from"):
         _, params = checkpoint_lib.load_params(config.train.init_from)
@@ -300,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
     if start == 0:
         evaluate(0, phase)
     iterator = data.dataset("train", phase)
-    if start and data_state.get("phase") == phase.index:
+    if latest is not None and data_state.get("phase") == phase.index and "iterator" in data_state:
         iterator.set_state(data_state["iterator"])
 
     pending: list[dict[str, Any]] = []
