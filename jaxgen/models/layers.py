@@ -1,0 +1,413 @@
+"""Building blocks shared by BERT, GPT and T5: config, dense, embeddings, norms, MLP, attention.
+
+Einsum and shape letters used in every model file: B batch, T query length, S key length, D embed
+(d_model), N heads, H head dim, F mlp (d_ff), V vocab.
+
+Parameters are created in float32 and carry logical axis names (`nn.with_logical_partitioning`) from
+the vocabulary `batch, length, kv_length, embed, heads, kv, mlp, vocab, layers`; compute happens in
+the config's dtype. Norm statistics and softmax always run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxgen.kernels.attention import RelativePositionBias, attention, relative_position_bucket
+
+# Additive bias for masked logits in explicit masks: exp() of it is exactly 0 in float32, and the
+# sum of two of them stays finite (unlike finfo.min), so a mask bias can be combined with the
+# kernel's own masking.
+MASK_BIAS = -1e9
+
+FAMILY_LAYER_NORM_EPS = {"bert": 1e-12, "gpt": 1e-5, "t5": 1e-6}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The static, hashable model settings (from `config.model`); jitted code sees only this."""
+
+    family: str
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    head_dim: int
+    d_ff: int
+    max_len: int = 512
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    dtype: str = "float32"
+    attention: str = "auto"
+    remat: bool = False
+    layer_norm_eps: float | None = (
+        None  # None: the family's paper value (see FAMILY_LAYER_NORM_EPS)
+    )
+    init_std: float = 0.02  # BERT and GPT; T5 uses its own fan-in rule (see t5.py)
+    # BERT
+    type_vocab_size: int = 2
+    # GPT
+    norm_position: str = "pre"
+    sparse_attention: str = "none"
+    local_window: int = 256
+    # T5
+    num_decoder_layers: int | None = None  # None: num_layers
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward: str = "relu"
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_LAYER_NORM_EPS:
+            raise ValueError(f"model.family must be bert, gpt or t5; got {self.family!r}")
+        if self.layer_norm_eps is None:
+            object.__setattr__(self, "layer_norm_eps", FAMILY_LAYER_NORM_EPS[self.family])
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be float32 or bfloat16; got {self.dtype!r}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"model.norm_position must be pre or post; got {self.norm_position!r}")
+        if self.sparse_attention not in ("none", "alternating"):
+            raise ValueError(
+                f"model.sparse_attention must be none or alternating; got {self.sparse_attention!r}"
+            )
+        if self.feed_forward not in ("relu", "gated-gelu"):
+            raise ValueError(
+                f"model.feed_forward must be relu or gated-gelu; got {self.feed_forward!r}"
+            )
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from `config.model` (ConfigDict or dict); unknown keys fail loudly."""
+        if isinstance(mapping, ModelConfig):
+            return mapping
+        items = dict(mapping.items())
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in items:
+            if key not in names:
+                near = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"unknown model config key {key!r}{hint}")
+        return cls(**items)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The activation dtype (parameters are always float32)."""
+        return jnp.dtype(self.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, HF's 'gelu' (BERT)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """Tanh-approximate GELU, HF's 'gelu_new' (GPT-2, T5 v1.1)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": jax.nn.relu,
+}
+
+
+def logical_param(
+    module: nn.Module,
+    name: str,
+    init: Callable,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+) -> jax.Array:
+    """Creates a float32 parameter annotated with logical axis names; returns it unboxed."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint on an activation by logical names (a no-op outside a rules context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel + bias` over the last `in_dims` dims of x; kernel `[*in, *features]`."""
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    in_dims: int = 1
+    std: float = 0.02
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[..., *in]` -> `[..., *features]` in `dtype`."""
+        in_shape = x.shape[x.ndim - self.in_dims :]
+        init = nn.initializers.normal(self.std)
+        kernel = logical_param(self, "kernel", init, in_shape + self.features, self.kernel_axes)
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+        )
+        if self.use_bias:
+            bias_axes = self.kernel_axes[self.in_dims :]
+            bias = logical_param(self, "bias", nn.initializers.zeros, self.features, bias_axes)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A lookup table `embedding [num, D]`; `attend` is the tied output projection."""
+
+    num_embeddings: int
+    features: int
+    std: float = 0.02
+    axes: tuple[str | None, str | None] = ("vocab", "embed")
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        init = nn.initializers.normal(self.std)
+        self.embedding = logical_param(
+            self, "embedding", init, (self.num_embeddings, self.features), self.axes
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids `[...]` int32 -> `[..., D]`."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x `[..., D]` -> logits `[..., num]` (x @ embedding.T) in float32."""
+        return jnp.einsum(
+            "...d,vd->...v",
+            x.astype(self.dtype),
+            self.embedding.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm, float32 statistics (centred variance, as PyTorch); `scale`, `bias` `[D]`."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[..., D]` -> `[..., D]` in `dtype`."""
+        features = x.shape[-1]
+        scale = logical_param(self, "scale", nn.initializers.ones, (features,), ("embed",))
+        bias = logical_param(self, "bias", nn.initializers.zeros, (features,), ("embed",))
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: no mean subtraction, no bias; `scale [D]`; statistics in float32."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[..., D]` -> `[..., D]` in `dtype`."""
+        scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale).astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """Feed-forward `wo(act(wi(x)))`, or gated `wo(act(wi_0(x)) * wi_1(x))` when `gated`."""
+
+    d_ff: int
+    activation: str
+    wi_std: float
+    wo_std: float
+    use_bias: bool = True
+    gated: bool = False
+    inner_dropout: float = 0.0  # T5 drops the hidden activations; BERT and GPT do not
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[B, T, D]` -> `[B, T, D]`."""
+        d_model = x.shape[-1]
+        act = ACTIVATIONS[self.activation]
+
+        def wi(name: str) -> jax.Array:
+            dense = Dense(
+                (self.d_ff,),
+                ("embed", "mlp"),
+                std=self.wi_std,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                name=name,
+            )
+            return dense(x)  # [B, T, F]
+
+        h = act(wi("wi_0")) * wi("wi_1") if self.gated else act(wi("wi"))
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(self.inner_dropout)(h, deterministic=self.deterministic)
+        out = Dense(
+            (d_model,),
+            ("mlp", "embed"),
+            std=self.wo_std,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name="wo",
+        )(h)
+        return out  # [B, T, D]
+
+
+def _visible_bias(visible: jax.Array, heads: int) -> jax.Array:
+    """Boolean `[T, S]` visibility -> additive bias `[1, N, T, S]` (0 visible, MASK_BIAS hidden)."""
+    bias = jnp.where(visible, 0.0, MASK_BIAS).astype(jnp.float32)
+    return jnp.broadcast_to(bias[None, None], (1, heads) + visible.shape)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: q, k, v projections `[D, N, H]`, output `out [N, H, D]`.
+
+    `decode=True` keeps a KV cache in the 'cache' collection (`cached_key`, `cached_value`
+    `[B, S, N, H]`, `cache_index`): the first call (at init) only sizes the cache to its input
+    length; later calls append their T tokens at `cache_index` and attend causally to everything
+    cached, through the XLA path with an explicit mask bias. `local_window` adds GPT-3's banded
+    causal pattern (each query sees only the last `local_window` keys, itself included).
+    """
+
+    num_heads: int
+    head_dim: int
+    q_std: float
+    kv_std: float
+    out_std: float
+    use_bias: bool = True
+    scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    dropout_rate: float = 0.0
+    impl: str = "auto"
+    local_window: int | None = None
+    decode: bool = False
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    def _project(self, x: jax.Array, name: str, std: float) -> jax.Array:
+        dense = Dense(
+            (self.num_heads, self.head_dim),
+            ("embed", "heads", "kv"),
+            std=std,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name=name,
+        )
+        return dense(x)  # [B, len, N, H]
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        kv: jax.Array | None = None,
+        *,
+        causal: bool = False,
+        segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+        relative_bias: RelativePositionBias | None = None,
+    ) -> jax.Array:
+        """x `[B, T, D]` attends over kv `[B, S, D]` (default: x itself) -> `[B, T, D]`."""
+        cross = kv is not None
+        kv = x if kv is None else kv
+        q = constrain(self._project(x, "query", self.q_std), ("batch", "length", "heads", "kv"))
+        k = self._project(kv, "key", self.kv_std)  # [B, S, N, H]
+        v = self._project(kv, "value", self.kv_std)  # [B, S, N, H]
+        kv_axes = ("batch", "kv_length", "heads", "kv")
+        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        bias, impl = None, self.impl
+        t_len = x.shape[1]
+        if self.decode and not cross:
+            if self.has_variable("cache", "cached_key"):
+                k, v, bias = self._update_cache(k, v, relative_bias)
+                causal, segment_ids, kv_segment_ids, relative_bias = False, None, None, None
+            else:
+                # First call (init): create a zero cache sized by this full-length input.
+                self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+                self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+                self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if bias is None and self.local_window is not None:
+            q_pos, k_pos = jnp.arange(t_len)[:, None], jnp.arange(k.shape[1])[None, :]
+            bias = _visible_bias(k_pos > q_pos - self.local_window, self.num_heads)
+        if self.decode:
+            impl = "xla"
+        use_dropout = not self.deterministic and self.dropout_rate > 0.0
+        out = attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            bias=bias,
+            relative_bias=relative_bias,
+            scale=self.scale,
+            dropout_rate=self.dropout_rate if use_dropout else 0.0,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+            impl=impl,
+        )  # [B, T, N, H]
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+        dense = Dense(
+            (x.shape[-1],),
+            ("heads", "kv", "embed"),
+            in_dims=2,
+            std=self.out_std,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name="out",
+        )
+        return dense(out)  # [B, T, D]
+
+    def _update_cache(
+        self, k: jax.Array, v: jax.Array, relative_bias: RelativePositionBias | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes k, v `[B, T, N, H]` at cache_index -> cached k, v `[B, S, N, H]`, mask bias."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        index = cache_index.value
+        t_len, s_len = k.shape[1], cached_key.value.shape[1]
+        k = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), (0, index, 0, 0)
+        )
+        v = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), (0, index, 0, 0)
+        )
+        cached_key.value, cached_value.value, cache_index.value = k, v, index + t_len
+        q_pos = index + jnp.arange(t_len)[:, None]  # [T, 1]
+        k_pos = jnp.arange(s_len)[None, :]  # [1, S]
+        visible = k_pos <= q_pos
+        if self.local_window is not None:
+            visible &= k_pos > q_pos - self.local_window
+        bias = _visible_bias(visible, self.num_heads)  # [1, N, T, S]
+        if relative_bias is not None:
+            buckets = relative_position_bucket(
+                k_pos - q_pos,
+                bidirectional=relative_bias.bidirectional,
+                num_buckets=relative_bias.num_buckets,
+                max_distance=relative_bias.max_distance,
+            )  # [T, S]
+            values = relative_bias.table[buckets].astype(jnp.float32)  # [T, S, N]
+            bias = bias + jnp.transpose(values, (2, 0, 1))[None]  # [1, N, T, S]
+        return k, v, bias
+
+
+def init_std_scaled(std: float, num_layers: int) -> float:
+    """GPT-2's residual-projection init std: std / sqrt(2 * num_layers)."""
+    return std / math.sqrt(2 * num_layers)

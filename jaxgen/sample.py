@@ -1,0 +1,404 @@
+"""Generation from trained models: GPT sampling and T5 decoding with a KV cache, BERT Gibbs
+sampling.
+
+Pure functions of (module, params, token arrays, settings) -> token arrays. Each runs one jitted
+`lax.fori_loop` over the steps, compiled once per module and shapes (the sampling settings are
+traced). `temperature=0` means greedy (argmax); otherwise logits are divided by the temperature,
+filtered to the `top_k` largest (0 = off) and to the smallest set whose probability reaches `top_p`
+(1.0 = off), and sampled with a key derived from `seed`, so the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Params = Any
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off); got {top_p}")
+
+
+def _settings(
+    temperature: float, top_k: int, top_p: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Validated (temperature, top_k, top_p) as traced scalars for `choose_tokens`."""
+    _check_sampling(temperature, top_k, top_p)
+    return jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)
+
+
+def _tokens(ids: Any, name: str, vocab_size: int | None = None) -> jax.Array:
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length] token ids; got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
+    # XLA would silently clamp an out-of-range id to the last embedding row.
+    if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"{name} has ids outside [0, {vocab_size}): min {ids.min()}, max {ids.max()}"
+        )
+    return jnp.asarray(ids, jnp.int32)
+
+
+def choose_tokens(
+    rng: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array | float,
+    top_k: jax.Array | int,
+    top_p: jax.Array | float,
+) -> jax.Array:
+    """Picks one token per row of logits `[B, V]` -> `[B]` int32: argmax if temperature is 0, else a
+    sample.
+
+    All settings are traced values, so one compilation serves every setting.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
+    # Top-k: keep logits >= the k-th largest (k = 0 keeps all).
+    kth = jnp.take(sorted_logits, jnp.maximum(top_k, 1) - 1, axis=-1)[:, None]  # [B, 1]
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    # Nucleus: keep the largest logits until their probability reaches top_p (the top one always).
+    sorted_logits = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+    cutoff = jnp.maximum(jnp.min(kept, axis=-1, keepdims=True), kth)  # [B, 1] smallest kept logit
+    scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _zeros_cache(init_fn: Any) -> Params:
+    """A zero KV cache shaped by tracing `init_fn` (no parameter is computed)."""
+    shapes = jax.eval_shape(init_fn)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+# -----------------------------------------------------------------------------------------------
+# GPT
+
+
+def sample_gpt(
+    module: nn.Module,
+    params: Params,
+    prompt: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> jax.Array:
+    """Continues prompts `[B, P]` int32 by `max_new_tokens` -> `[B, P + max_new_tokens]` int32.
+
+    All rows share the prompt length P. After a row emits `eos_id` it keeps emitting `eos_id`.
+    """
+    prompt = _tokens(prompt, "prompt", module.config.vocab_size)
+    batch, prompt_len = prompt.shape
+    if prompt_len == 0:
+        raise ValueError(
+            "the GPT prompt is empty: give at least one token (e.g. the end-of-text token)"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    max_len = module.config.max_len
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context max_len={max_len}; shorten the prompt or generate fewer tokens"
+        )
+    settings = _settings(temperature, top_k, top_p)
+    eos = jnp.int32(-1 if eos_id is None else eos_id)
+    return _sample_gpt(
+        module,
+        nn.meta.unbox(params),
+        prompt,
+        jax.random.key(seed),
+        settings,
+        eos,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+def _sample_gpt(
+    module: nn.Module,
+    params: Params,
+    prompt: jax.Array,
+    rng: jax.Array,
+    settings: tuple[jax.Array, jax.Array, jax.Array],
+    eos_id: jax.Array,
+    *,
+    max_new_tokens: int,
+) -> jax.Array:
+    batch, prompt_len = prompt.shape
+    total = prompt_len + max_new_tokens
+
+    def forward(cache: Params, tokens: jax.Array, start: jax.Array) -> tuple[jax.Array, Params]:
+        positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B, t]
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache}, tokens, positions, decode=True, mutable=["cache"]
+        )
+        return logits[:, -1], mutated["cache"]  # [B, V]
+
+    full = jnp.zeros((batch, total), jnp.int32)
+    cache = _zeros_cache(
+        lambda: module.init(jax.random.key(0), full, jnp.zeros_like(full), decode=True)
+    )
+    logits, cache = forward(cache, prompt, jnp.int32(0))  # prefill the whole prompt at once
+    out = jax.lax.dynamic_update_slice(full, prompt, (0, 0))
+
+    def step(i: jax.Array, carry: tuple) -> tuple:
+        out, cache, logits, done = carry
+        token = choose_tokens(jax.random.fold_in(rng, i), logits, *settings)  # [B]
+        token = jnp.where(done, eos_id, token)
+        done = done | (token == eos_id)  # eos_id -1 (none) never matches
+        position = prompt_len + i
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, position))
+        # The forward after the last token is wasted but keeps the loop body uniform.
+        logits, cache = forward(cache, token[:, None], position)
+        return out, cache, logits, done
+
+    done = jnp.zeros((batch,), bool)
+    out, *_ = jax.lax.fori_loop(0, max_new_tokens, step, (out, cache, logits, done))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# T5
+
+
+def decode_t5(
+    module: nn.Module,
+    params: Params,
+    encoder_input_ids: Any,
+    encoder_mask: Any | None = None,
+    *,
+    max_decode_len: int,
+    decoder_start_id: int = 0,
+    eos_id: int | None = 1,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> jax.Array:
+    """Greedy (temperature 0) or sampled T5 decoding of encoder ids `[B, S]` -> `[B,
+    max_decode_len]`.
+
+    The decoder starts from `decoder_start_id` (T5: pad, 0), which is not part of the output; after
+    `eos_id` a row emits `pad_id`. The encoder runs once; the decoder uses its KV cache.
+    """
+    encoder_input_ids = _tokens(encoder_input_ids, "encoder_input_ids", module.config.vocab_size)
+    if encoder_input_ids.shape[1] == 0:
+        raise ValueError("encoder_input_ids is empty: give at least one token")
+    if encoder_mask is not None:
+        encoder_mask = _tokens(encoder_mask, "encoder_mask")
+        if encoder_mask.shape != encoder_input_ids.shape:
+            raise ValueError(
+                f"encoder_mask must be {encoder_input_ids.shape}; got {encoder_mask.shape}"
+            )
+    if max_decode_len < 1:
+        raise ValueError(f"max_decode_len must be >= 1; got {max_decode_len}")
+    specials = jnp.array([decoder_start_id, -1 if eos_id is None else eos_id, pad_id], jnp.int32)
+    return _decode_t5(
+        module,
+        nn.meta.unbox(params),
+        encoder_input_ids,
+        encoder_mask,
+        jax.random.key(seed),
+        _settings(temperature, top_k, top_p),
+        specials,
+        max_decode_len=max_decode_len,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_decode_len"))
+def _decode_t5(
+    module: nn.Module,
+    params: Params,
+    encoder_input_ids: jax.Array,
+    encoder_mask: jax.Array | None,
+    rng: jax.Array,
+    settings: tuple[jax.Array, jax.Array, jax.Array],
+    specials: jax.Array,
+    *,
+    max_decode_len: int,
+) -> jax.Array:
+    decoder_start_id, eos_id, pad_id = specials[0], specials[1], specials[2]
+    batch = encoder_input_ids.shape[0]
+    variables = {"params": params}
+    encoded = module.apply(variables, encoder_input_ids, encoder_mask, method="encode")  # [B, S, D]
+    full = jnp.zeros((batch, max_decode_len), jnp.int32)
+    cache = _zeros_cache(
+        lambda: module.init(
+            jax.random.key(0), encoded, full, encoder_mask, decode=True, method="decode"
+        )
+    )
+
+    def step(i: jax.Array, carry: tuple) -> tuple:
+        out, cache, token, done = carry
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            token[:, None],
+            encoder_mask,
+            decode=True,
+            method="decode",
+            mutable=["cache"],
+        )  # [B, 1, V]
+        token = choose_tokens(jax.random.fold_in(rng, i), logits[:, 0], *settings)  # [B]
+        token = jnp.where(done, pad_id, token)
+        done = done | (token == eos_id)  # eos_id -1 (none) never matches
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        return out, mutated["cache"], token, done
+
+    start = jnp.full((batch,), decoder_start_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    out, *_ = jax.lax.fori_loop(0, max_decode_len, step, (full, cache, start, done))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT
+
+
+def gibbs_bert(
+    module: nn.Module,
+    params: Params,
+    input_ids: Any,
+    *,
+    mask_id: int,
+    segment_ids: Any | None = None,
+    attention_mask: Any | None = None,
+    free: Any | None = None,
+    num_sweeps: int = 1,
+    order: str = "sequential",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    banned_ids: Sequence[int] = (),
+) -> jax.Array:
+    """BERT as a Markov random field (Wang & Cho 2019): Gibbs-resamples ids `[B, T]` -> `[B, T]`.
+
+    The `free` positions (default: those equal to `mask_id`, e.g. an all-[MASK] start or a partly
+    masked prompt) are resampled; the rest stay fixed. `order='sequential'`: each sweep visits the
+    free positions left to right, masking the visited one and sampling it from the MLM distribution
+    given all others. `order='parallel'`: each sweep resamples every free position at once from one
+    forward pass. `mask_id` and `banned_ids` (e.g. [CLS], [SEP], [PAD]) are never sampled.
+    """
+    input_ids = _tokens(input_ids, "input_ids", module.config.vocab_size)
+    batch, length = input_ids.shape
+    if length == 0:
+        raise ValueError("input_ids is empty")
+    if length > module.config.max_len:
+        raise ValueError(
+            f"input length {length} exceeds the model's max_len={module.config.max_len}"
+        )
+    if order not in ("sequential", "parallel"):
+        raise ValueError(f"order must be 'sequential' or 'parallel'; got {order!r}")
+    if num_sweeps < 1:
+        raise ValueError(f"num_sweeps must be >= 1; got {num_sweeps}")
+    segment_ids = (
+        jnp.zeros_like(input_ids) if segment_ids is None else _tokens(segment_ids, "segment_ids")
+    )
+    attention_mask = (
+        jnp.ones_like(input_ids)
+        if attention_mask is None
+        else _tokens(attention_mask, "attention_mask")
+    )
+    free = input_ids == mask_id if free is None else jnp.asarray(free, bool)
+    for name, arr in (
+        ("segment_ids", segment_ids),
+        ("attention_mask", attention_mask),
+        ("free", free),
+    ):
+        if arr.shape != input_ids.shape:
+            raise ValueError(f"{name} must be {input_ids.shape}; got {arr.shape}")
+    # A [V] mask rather than a list of ids, so that the compiled loop does not depend on its length.
+    banned = np.zeros(module.config.vocab_size, bool)
+    banned[[mask_id, *banned_ids]] = True
+    banned = jnp.asarray(banned)
+    return _gibbs_bert(
+        module,
+        nn.meta.unbox(params),
+        input_ids,
+        segment_ids,
+        attention_mask,
+        free,
+        banned,
+        jax.random.key(seed),
+        _settings(temperature, top_k, 1.0),
+        mask_id=mask_id,
+        num_sweeps=num_sweeps,
+        order=order,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("module", "mask_id", "num_sweeps", "order"))
+def _gibbs_bert(
+    module: nn.Module,
+    params: Params,
+    tokens: jax.Array,
+    segment_ids: jax.Array,
+    attention_mask: jax.Array,
+    free: jax.Array,
+    banned: jax.Array,
+    rng: jax.Array,
+    settings: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    mask_id: int,
+    num_sweeps: int,
+    order: str,
+) -> jax.Array:
+    batch, length = tokens.shape
+    variables = {"params": params}
+
+    def mlm_logits(ids: jax.Array, positions: jax.Array | None) -> jax.Array:
+        out = module.apply(variables, ids, segment_ids, attention_mask, positions)
+        return jnp.where(banned, -jnp.inf, out["mlm_logits"])  # [B, P, V]
+
+    def choose(key: jax.Array, logits: jax.Array) -> jax.Array:
+        return choose_tokens(key, logits, *settings)
+
+    if order == "parallel":
+
+        def sweep(i: jax.Array, tokens: jax.Array) -> jax.Array:
+            logits = mlm_logits(tokens, None)  # [B, T, V]
+            keys = jax.random.split(jax.random.fold_in(rng, i), length)
+            sampled = jax.vmap(choose, in_axes=(0, 1), out_axes=1)(keys, logits)  # [B, T]
+            return jnp.where(free, sampled, tokens)
+
+        return jax.lax.fori_loop(0, num_sweeps, sweep, tokens)
+
+    def visit(i: jax.Array, tokens: jax.Array) -> jax.Array:
+        t = i % length
+        is_free = free[:, t]  # [B]
+
+        def resample(tokens: jax.Array) -> jax.Array:
+            current = tokens[:, t]
+            masked = tokens.at[:, t].set(jnp.where(is_free, mask_id, current))
+            logits = mlm_logits(masked, jnp.full((batch, 1), t, jnp.int32))[:, 0]  # [B, V]
+            sampled = choose(jax.random.fold_in(rng, i), logits)
+            return tokens.at[:, t].set(jnp.where(is_free, sampled, current))
+
+        # Fixed columns (e.g. [CLS], the prompt) skip the forward pass.
+        return jax.lax.cond(jnp.any(is_free), resample, lambda tokens: tokens, tokens)
+
+    return jax.lax.fori_loop(0, num_sweeps * length, visit, tokens)

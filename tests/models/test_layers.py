@@ -1,0 +1,100 @@
+"""Shared layers: config, relative-position buckets, norms, banded attention, logical names."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jaxgen.kernels.attention import relative_position_bucket
+from jaxgen.models import ModelConfig, build
+from jaxgen.models.layers import LayerNorm, MultiHeadAttention, RMSNorm
+from tests.models.tiny import COMMON, F32_ATOL, model
+
+LOGICAL_NAMES = {
+    "batch",
+    "length",
+    "kv_length",
+    "embed",
+    "heads",
+    "kv",
+    "mlp",
+    "vocab",
+    "layers",
+    None,
+}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _buckets(rel: jax.Array, bidirectional: bool) -> jax.Array:
+    return relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=32, max_distance=128
+    )
+
+
+def test_bidirectional_buckets_match_hand_computed():
+    # 32 buckets split 16/16 by sign; exact below 8, then 8 + floor(log(n/8) / log(128/8) * 8), max
+    # 15.
+    rel = jnp.array([0, -1, 1, -7, -8, -16, -20, 20, -128, -200, 200])
+    want = [0, 1, 17, 7, 8, 10, 10, 26, 15, 15, 31]
+    got = _buckets(rel, True)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_causal_buckets_match_hand_computed():
+    # Future keys share bucket 0; exact below 16, then 16 + floor(log(n/16) / log(8) * 16), max 31.
+    rel = jnp.array([1, 5, 0, -1, -15, -16, -20, -32, -200])
+    want = [0, 0, 0, 1, 15, 16, 17, 21, 31]
+    got = _buckets(rel, False)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_config_rejects_unknown_key_with_nearest_name():
+    with pytest.raises(ValueError, match="did you mean 'num_heads'"):
+        ModelConfig.from_mapping({"family": "gpt", **COMMON, "num_head": 3})
+    with pytest.raises(ValueError, match="family"):
+        build({**COMMON, "family": "rnn"})
+
+
+def test_config_family_defaults():
+    assert ModelConfig.from_mapping({"family": "bert", **COMMON}).layer_norm_eps == 1e-12
+    t5 = ModelConfig.from_mapping({"family": "t5", **COMMON})
+    assert t5.layer_norm_eps == 1e-6 and t5.num_decoder_layers == COMMON["num_layers"]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt", "t5"])
+def test_every_param_has_logical_axis_names(family):
+    _, params = model(family)
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+        assert len(leaf.names) == leaf.value.ndim
+        assert set(leaf.names) <= LOGICAL_NAMES, leaf.names
+        assert leaf.value.dtype == jnp.float32
+
+
+def test_norms_match_numpy():
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32) * 3 + 1
+    y = LayerNorm(1e-5).apply({"params": {"scale": np.ones(8), "bias": np.zeros(8)}}, x)
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, want, atol=F32_ATOL)
+    y = RMSNorm(1e-6).apply({"params": {"scale": np.full(8, 2.0)}}, x)
+    want = 2 * x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(y, want, atol=F32_ATOL)
+
+
+def test_local_window_hides_distant_keys():
+    layer = MultiHeadAttention(2, 4, q_std=0.5, kv_std=0.5, out_std=0.5, impl="xla", local_window=3)
+    x = jax.random.normal(jax.random.key(1), (1, 8, 8))
+    params = jax.jit(lambda r: layer.init(r, x, causal=True))(jax.random.key(0, impl="unsafe_rbg"))
+    apply = jax.jit(lambda x: layer.apply(params, x, causal=True))
+    out, changed = apply(x), apply(x.at[:, 2].add(1.0))
+    # Position 2 is visible to queries 2, 3, 4 only (window 3).
+    np.testing.assert_allclose(out[:, :2], changed[:, :2], atol=F32_ATOL)
+    np.testing.assert_allclose(out[:, 5:], changed[:, 5:], atol=F32_ATOL)
+    assert not np.allclose(out[:, 2:5], changed[:, 2:5], atol=1e-3)
