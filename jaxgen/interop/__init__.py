@@ -1,0 +1,3 @@
+"""Other frameworks' checkpoints: `jaxgen.interop.hf` reads and writes HuggingFace ones."""
+
+__all__ = ["hf"]
