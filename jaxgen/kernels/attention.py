@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+from jax.sharding import PartitionSpec
 
 from jaxgen.kernels import reference
 from jaxgen.kernels.reference import RelativePositionBias, relative_position_bucket
@@ -35,11 +38,14 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     impl: str = "auto",
+    partition: PartitionSpec | None = None,
 ) -> jax.Array:
     """Attention of q `[B, T, N, H]` over k, v `[B, S, N, H]` → `[B, T, N, H]`.
 
     segment ids are `[B, T]` / `[B, S]` int32 with 0 = padding; for self-attention `kv_segment_ids`
     defaults to `segment_ids`. `bias` is additive `[B|1, N, T, S]`; `scale` defaults to 1/sqrt(H).
+    `partition` is how q is sharded over the current mesh (`[B, T, N, H]` mesh axes): the flash kernel
+    cannot be partitioned by XLA, so it runs under `shard_map` on each device's batch and head shard.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, len, N, H]; got {q.shape=} {k.shape=} {v.shape=}")
@@ -74,5 +80,74 @@ def attention(
     if resolve_impl(impl) == "flash":
         from jaxgen.kernels import flash_attention
 
-        return flash_attention.flash_attention(q, k, v, **kwargs)
+        mesh = jax.sharding.get_abstract_mesh()
+        if partition is None or mesh.empty or mesh.size == 1:
+            return flash_attention.flash_attention(q, k, v, **kwargs)
+        return _sharded_flash(q, k, v, partition, mesh, kwargs)
     return reference.attention(q, k, v, **kwargs)
+
+
+def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _dividing(axes: tuple[str, ...], size: int, mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
+    """The prefix of `axes` whose mesh sizes divide `size` (the rest of that dimension is replicated)."""
+    kept: list[str] = []
+    for axis in axes:
+        if size % math.prod(mesh.shape[a] for a in kept + [axis]) == 0:
+            kept.append(axis)
+    return tuple(kept)
+
+
+def _sharded_flash(q, k, v, partition: PartitionSpec, mesh, kwargs: dict) -> jax.Array:
+    """Runs the flash kernel on each device's (batch, heads) shard; lengths and head_dim stay whole."""
+    from jaxgen.kernels import flash_attention
+
+    entries = tuple(partition) + (None,) * (4 - len(partition))
+    batch_axes = _dividing(_axes(entries[0]), q.shape[0], mesh)
+    head_axes = _dividing(_axes(entries[2]), q.shape[2], mesh)
+    b = batch_axes or None
+    h = head_axes or None
+    qkv = PartitionSpec(b, None, h, None)
+    bias, rel, rng = kwargs.pop("bias"), kwargs.pop("relative_bias"), kwargs.pop("dropout_rng")
+    seg, kv_seg = kwargs.pop("segment_ids"), kwargs.pop("kv_segment_ids")
+    args = [q, k, v, seg, kv_seg, bias, rel.table if rel is not None else None, rng]
+    specs = [
+        qkv,
+        qkv,
+        qkv,
+        PartitionSpec(b, None),
+        PartitionSpec(b, None),
+        PartitionSpec(b if bias is not None and bias.shape[0] > 1 else None, h, None, None),
+        PartitionSpec(None, h),
+        PartitionSpec(),
+    ]
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def local(*xs: jax.Array) -> jax.Array:
+        full: list = [None] * len(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        q, k, v, seg, kv_seg, bias, table, rng = full
+        if rng is not None:
+            # The kernel hashes local batch/head indices: fold the shard's position in so that
+            # every shard draws a different dropout mask.
+            for axis in batch_axes + head_axes:
+                rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+        relative = rel._replace(table=table) if rel is not None else None
+        return flash_attention.flash_attention(
+            q, k, v, segment_ids=seg, kv_segment_ids=kv_seg, bias=bias, relative_bias=relative,
+            dropout_rng=rng, **kwargs,
+        )  # fmt: skip
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=tuple(specs[i] for i in present),
+        out_specs=qkv,
+        # jax 0.10.2's Pallas interpreter drops the varying-axes type of its loop carries on meshes
+        # with three axes; the gradients (the replicated T5 table's included) are checked against
+        # the XLA path on a (2, 2, 2) mesh in tests/train/test_flash_equivalence.py.
+        check_vma=False,
+    )(*(args[i] for i in present))

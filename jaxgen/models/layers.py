@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 from jaxgen.kernels.attention import RelativePositionBias, attention, relative_position_bucket
 
@@ -119,6 +120,16 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": gelu_tanh,
     "relu": jax.nn.relu,
 }
+
+
+def _attention_partition() -> PartitionSpec | None:
+    """Mesh axes of q `[B, T, N, H]` under the active logical rules (None outside a mesh/rules context).
+
+    The flash kernel runs under shard_map with this spec; the model itself never names mesh axes.
+    """
+    if not nn.get_logical_axis_rules():
+        return None
+    return nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
 
 
 def logical_param(
@@ -361,6 +372,7 @@ class MultiHeadAttention(nn.Module):
             dropout_rate=self.dropout_rate if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             impl=impl,
+            partition=_attention_partition(),
         )  # [B, T, N, H]
         out = constrain(out, ("batch", "length", "heads", "kv"))
         dense = Dense(

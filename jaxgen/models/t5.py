@@ -84,12 +84,21 @@ class T5Block(nn.Module):
         self,
         x: jax.Array,
         mask: jax.Array | None,
-        relative_bias: RelativePositionBias,
+        relative_table: jax.Array,
         encoded: jax.Array | None,
         encoder_mask: jax.Array | None,
     ) -> jax.Array:
-        """x `[B, T, D]`, mask `[B, T]`, encoded `[B, S, D]`, its mask `[B, S]` -> `[B, T, D]`."""
+        """x `[B, T, D]`, mask `[B, T]`, the stack's bias table `[R, N]`, encoded `[B, S, D]`,
+        its mask `[B, S]` -> `[B, T, D]`."""
         cfg, dtype = self.config, self.config.compute_dtype
+        # Only the table crosses the block boundary: under nn.remat every argument is traced, and the
+        # bucket settings must stay static Python values.
+        relative_bias = RelativePositionBias(
+            relative_table,
+            not self.is_decoder,
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+        )
         eps = cfg.layer_norm_eps
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         # Queries are all in segment 1 so that (as in HF) only padding keys are hidden.
@@ -162,7 +171,7 @@ class T5Stack(nn.Module):
         x = constrain(x, ACTS)
         for i in range(num_layers):
             block = block_cls(cfg, self.is_decoder, deterministic, decode, name=f"layers_{i}")
-            x = block(x, mask, relative_bias, encoded, encoder_mask)
+            x = block(x, mask, relative_bias.table, encoded, encoder_mask)
         x = RMSNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="final_norm")(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
