@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,7 +166,11 @@ class DataSource:
                 data, self.train_docs, int(config.model.vocab_size), cache_dir
             )
             if jax.process_index() == 0:
-                self.tokenizer.save(tokenizer_dir)
+                # Saved under a temporary name and renamed: the other processes of a multi-host run
+                # check for this directory at the same moment and must never load half of it.
+                tmp = Path(tempfile.mkdtemp(prefix="tokenizer.tmp", dir=workdir))
+                self.tokenizer.save(tmp)
+                os.replace(tmp, tokenizer_dir)
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
