@@ -1,0 +1,140 @@
+"""`jaxgen sample` end to end: tiny GPT, T5 and BERT runs trained for 2 steps, then sampled.
+
+Training three runs costs about a minute of compilation on 2 CPU cores, so the tests that sample
+are marked slow; the workdir errors that need no checkpoint run in the fast suite.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from jaxgen import cli, sample
+from jaxgen import config as config_lib
+from jaxgen.data.tokenizer import load_tokenizer
+from jaxgen.train import checkpoint, loop
+from tests.train.test_loop import tiny_config
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/token cache for this module's three runs."""
+    return tmp_path_factory.mktemp("sample_cache")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """A 2-step tiny run per family (max_len 32 = seq_len, so the context limit is reachable)."""
+    workdirs = {}
+    for family in ("gpt", "t5", "bert"):
+        workdir = tmp_path_factory.mktemp(f"{family}_run")
+        config = tiny_config(
+            family,
+            cache_dir,
+            "train.num_steps=2",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "model.max_len=32",
+        )
+        loop.train(config, workdir)
+        workdirs[family] = workdir
+    return workdirs
+
+
+def run_cli(capsys, *argv):
+    """Runs `jaxgen ...` in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def flags(workdir, **overrides):
+    """The argparse Namespace `jaxgen sample --workdir ...` would build, with `overrides`."""
+    args = cli.build_parser().parse_args(["sample", "--workdir", str(workdir)])
+    return types.SimpleNamespace(**{**vars(args), **overrides})
+
+
+# Every call of a family uses the same shapes (prompt length, batch, steps): one compilation each.
+GPT = dict(prompt="The class", max_new_tokens=8, num_samples=2)
+T5 = dict(prompt="The <extra_id_0> statement is <extra_id_1> module.", max_new_tokens=10)
+BERT = dict(prompt="the module", length=5, gibbs_steps=2)
+
+
+@pytest.mark.slow
+def test_gpt_cli_prints_a_continuation_of_the_prompt(runs, capsys):
+    code, out, err = run_cli(
+        capsys, "sample", "--workdir", str(runs["gpt"]), "--prompt", GPT["prompt"],
+        "--max_new_tokens", "8", "--num_samples", "2",
+        "--temperature", "0.8", "--top_k", "40", "--top_p", "0.95",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) >= 2 and lines[0].startswith(GPT["prompt"])
+
+
+@pytest.mark.slow
+def test_gpt_same_seed_same_text_and_greedy_rows_agree(runs):
+    args = flags(runs["gpt"], seed=3, **GPT)
+    first = sample.sample_from_workdir(args)
+    assert sample.sample_from_workdir(args) == first
+    assert len(first) == 2 and all(text.startswith(GPT["prompt"]) for text in first)
+    greedy = sample.sample_from_workdir(flags(runs["gpt"], greedy=True, **GPT))
+    assert greedy[0] == greedy[1]
+
+
+@pytest.mark.slow
+def test_t5_decodes_the_sentinel_target(runs, capsys):
+    code, out, err = run_cli(
+        capsys, "sample", "--workdir", str(runs["t5"]), "--prompt", T5["prompt"],
+        "--max_new_tokens", "10", "--greedy",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.strip()  # a 2-step model's target, e.g. "<extra_id_0> the the"
+    args = flags(runs["t5"], temperature=1.0, seed=1, **T5)
+    first = sample.sample_from_workdir(args)
+    assert len(first) == 1 and sample.sample_from_workdir(args) == first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["parallel", "sequential"])
+def test_bert_gibbs_sampling(runs, order):
+    args = flags(runs["bert"], gibbs_order=order, **BERT)
+    first = sample.sample_from_workdir(args)
+    assert len(first) == 1 and first[0].startswith(BERT["prompt"])
+    assert not any(s in first[0] for s in ("[MASK]", "[SEP]", "[CLS]", "[PAD]"))
+    assert sample.sample_from_workdir(args) == first
+    if order == "parallel":  # no prompt: all [MASK] between [CLS] and [SEP], same total length
+        tokenizer = load_tokenizer(runs["bert"] / "tokenizer")
+        length = len(tokenizer.encode(BERT["prompt"])) + BERT["length"]
+        no_prompt = sample.sample_from_workdir(
+            flags(runs["bert"], prompt="", length=length, gibbs_steps=2)
+        )
+        assert no_prompt[0].strip()
+
+
+def test_workdir_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--workdir", str(tmp_path), "--prompt", "x")
+    assert code == 1
+    assert "no jaxgen run (no config.json)" in err and str(tmp_path) in err
+    assert "Traceback" not in err
+    # A run that saved its config but no checkpoint yet.
+    config_lib.save_config(config_lib.load_config("configs/gpt.py:smoke"), tmp_path / "config.json")
+    code, _, err = run_cli(capsys, "sample", "--workdir", str(tmp_path), "--prompt", "x")
+    assert code == 1 and f"CheckpointError: no checkpoints in {tmp_path}" in err
+    with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoints in {tmp_path}"):
+        sample.sample_from_workdir(flags(tmp_path, prompt="x"))
+    # The empty prompt is reported before the checkpoint is even looked for.
+    code, _, err = run_cli(capsys, "sample", "--workdir", str(tmp_path))
+    assert code == 1 and "empty prompt" in err and str(tmp_path) in err
+
+
+@pytest.mark.slow
+def test_too_long_prompts_are_clear_errors(runs):
+    long = " ".join(["word"] * 40)  # > 32 tokens
+    for family in ("gpt", "t5", "bert"):
+        with pytest.raises(ValueError, match=r"longer than the context .* max_len=32"):
+            sample.sample_from_workdir(flags(runs[family], prompt=long, length=1))
+    with pytest.raises(ValueError, match="--max_new_tokens <= "):
+        sample.sample_from_workdir(flags(runs["gpt"], prompt="The", max_new_tokens=40))

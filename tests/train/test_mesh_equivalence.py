@@ -1,0 +1,193 @@
+"""Same 5 steps (dropout on), same losses on every mesh; parameters sharded as the rules say.
+
+Each case builds the state with `step.create_train_state` and the jitted `step.build_train_step`
+on a (data, fsdp, tensor) mesh of the first n of the 8 simulated CPU devices, and feeds the same
+fixed synthetic batches. Dropout keys come from the step (`TrainState.step_key`) and threefry
+random bits do not depend on how an array is sharded, so the loss must not depend on the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxgen import config as config_lib
+from jaxgen import models, objectives, parallel
+from jaxgen.train import optim
+from jaxgen.train import step as step_lib
+
+# float32 end to end: meshes only change the order of the partial sums of reductions (the
+# cross-device psums of the gradient and loss), a few ulps per step; 5 Adam steps stay well
+# within 1e-5 relative.
+RTOL = 1e-5
+NUM_STEPS = 5
+BATCH, SEQ, PRED, VOCAB = 8, 16, 4, 512
+
+# Shrunk smoke configs; every sharded dimension (embed 32, heads 8, mlp 64, vocab 512) divides by
+# 8, so each mesh axis really splits something. Dropout stays at the smoke rows' 0.1.
+SHRINK = [
+    "model.num_layers=1",
+    "model.d_model=32",
+    "model.num_heads=8",
+    "model.head_dim=4",
+    "model.d_ff=64",
+    f"model.vocab_size={VOCAB}",
+    "model.max_len=32",
+    f"data.seq_len={SEQ}",
+    f"train.batch_size={BATCH}",
+    "optim.warmup_steps=2",
+]
+EXTRA = {"bert": [], "gpt": [], "t5": ["model.num_decoder_layers=1"]}
+ALL_MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+FAST_MESHES = [(1, 1, 1), (2, 2, 2), (1, 1, 8)]
+
+
+def tiny_config(family: str):
+    """configs/<family>.py:smoke shrunk so that every sharded dimension divides by 8."""
+    return config_lib.load_config(f"configs/{family}.py:smoke", SHRINK + EXTRA[family])
+
+
+def synthetic_batch(family: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One global batch of valid ids and masks with the keys and dtypes of the real pipeline."""
+    ids = lambda *shape: rng.integers(5, VOCAB, shape, dtype=np.int32)  # noqa: E731
+    lengths = rng.integers(SEQ // 2, SEQ + 1, BATCH)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)  # [B, T] some padding
+    if family == "bert":
+        segments = (np.arange(SEQ)[None, :] >= lengths[:, None] // 2).astype(np.int32) * mask
+        positions = np.stack([rng.choice(n, PRED, replace=False) for n in lengths]).astype(np.int32)
+        weights = np.ones((BATCH, PRED), np.float32)
+        weights[:, -1] = 0.0  # a padding prediction
+        return dict(
+            input_ids=ids(BATCH, SEQ) * mask,
+            segment_ids=segments,
+            attention_mask=mask,
+            masked_positions=positions,
+            masked_ids=ids(BATCH, PRED),
+            masked_weights=weights,
+            next_sentence_labels=rng.integers(0, 2, BATCH, dtype=np.int32),
+        )
+    if family == "gpt":
+        tokens = ids(BATCH, SEQ + 1)
+        return dict(
+            input_ids=tokens[:, :-1],
+            target_ids=tokens[:, 1:],
+            positions=np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+            segment_ids=np.ones((BATCH, SEQ), np.int32),
+            weights=mask.astype(np.float32),
+        )
+    targets = ids(BATCH, SEQ // 2) * mask[:, : SEQ // 2]
+    return dict(
+        encoder_input_ids=ids(BATCH, SEQ) * mask,
+        encoder_mask=mask,
+        decoder_input_ids=np.pad(targets[:, :-1], ((0, 0), (1, 0))),  # shifted right, start 0
+        decoder_target_ids=targets,
+        decoder_mask=mask[:, : SEQ // 2],
+        decoder_weights=mask[:, : SEQ // 2].astype(np.float32),
+    )
+
+
+def make_mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over the first prod(shape) devices."""
+    sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
+    return parallel.make_mesh(sizes, jax.devices()[: math.prod(shape)])
+
+
+def train_losses(family: str, shape: tuple[int, int, int]) -> tuple[list[float], object]:
+    """Per-step losses of NUM_STEPS steps on fixed batches, and the final state."""
+    config = tiny_config(family)
+    mesh = make_mesh(shape)
+    module, objective = models.build(config.model), objectives.get(family)
+    optimizer = optim.make_optimizer(config.optim, NUM_STEPS)
+    schedule = optim.make_schedule(config.optim, NUM_STEPS)
+    rng = np.random.default_rng(0)
+    batches = [synthetic_batch(family, rng) for _ in range(NUM_STEPS)]
+    state, shardings = step_lib.create_train_state(
+        module, objective, optimizer, batches[0], seed=0, mesh=mesh
+    )
+    train_step = step_lib.build_train_step(module, objective, optimizer, schedule, mesh, shardings)
+    losses = []
+    for batch in batches:
+        state, metrics = train_step(state, parallel.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+_reference: dict[str, list[float]] = {}
+
+
+def reference_losses(family: str) -> list[float]:
+    """The single-device run every mesh is compared with (computed once per family)."""
+    if family not in _reference:
+        _reference[family], _ = train_losses(family, (1, 1, 1))
+    return _reference[family]
+
+
+def assert_same_losses(family: str, shape: tuple[int, int, int]) -> None:
+    losses, _ = train_losses(family, shape)
+    expected = reference_losses(family)
+    assert np.all(np.isfinite(losses))
+    assert len(set(losses)) > 1  # the steps really update the parameters
+    np.testing.assert_allclose(losses, expected, rtol=RTOL, err_msg=f"{family} mesh {shape}")
+
+
+def param_specs(state) -> dict[str, P]:
+    """{'a/b/kernel': PartitionSpec} of the live parameter arrays."""
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    return {"/".join(k.key for k in path): leaf.sharding.spec for path, leaf in flat}
+
+
+def test_bert_loss_is_mesh_independent_on_a_tensor_mesh():
+    assert_same_losses("bert", (1, 1, 8))
+
+
+# On (2, 2, 2) the loss is right but the gradients are not (grad_norm 2.26 instead of 2.12 at step
+# 1): XLA's CPU SPMD partitioning of BERT's masked-position gather + tied projection, reproduced
+# with plain jax (a take_along_axis on a [B, T, D] activation, then an einsum with the (tensor,
+# fsdp) table) and with the Shardy and GSPMD partitioners alike; every 1- and 2-axis mesh is exact.
+# strict: the day it is fixed this test fails, so the marker gets removed.
+BERT_222_BUG = pytest.mark.xfail(
+    strict=True, reason="XLA CPU: wrong BERT gradients on the (2, 2, 2) mesh (see comment)"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "shape", [(8, 1, 1), (2, 4, 1), pytest.param((2, 2, 2), marks=BERT_222_BUG)]
+)
+def test_bert_loss_is_mesh_independent(shape):
+    assert_same_losses("bert", shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 8)])
+def test_gpt_and_t5_loss_is_mesh_independent(family, shape):
+    assert_same_losses(family, shape)
+
+
+def test_parameters_are_sharded_as_the_rules_say():
+    config = tiny_config("bert")
+    module, objective = models.build(config.model), objectives.get("bert")
+    optimizer = optim.make_optimizer(config.optim, NUM_STEPS)
+    batch = synthetic_batch("bert", np.random.default_rng(0))
+    state, _ = step_lib.create_train_state(
+        module, objective, optimizer, batch, seed=0, mesh=make_mesh((2, 2, 2))
+    )
+    specs = param_specs(state)
+    # (vocab, embed) -> (tensor, fsdp); (embed, heads, kv) -> (fsdp, tensor, None); (embed, mlp).
+    assert specs["token_embed/embedding"] == P("tensor", "fsdp")
+    # The arrays really are split: each device holds a quarter of the table.
+    leaf = state.params["token_embed"]["embedding"]
+    assert leaf.addressable_shards[0].data.shape == (VOCAB // 2, 32 // 2)
+    assert {d.id for d in leaf.sharding.device_set} == set(range(8))
+    block = next(k for k in specs if k.endswith("attention/query/kernel"))
+    assert specs[block] == P("fsdp", "tensor", None)
+    mlp = next(k for k in specs if k.endswith("wi/kernel"))
+    assert specs[mlp] == P("fsdp", "tensor")
+    # LayerNorm gains are (embed,): split over fsdp like every embed dimension (ZeRO-3 style).
+    assert specs["embed_norm/scale"] == P("fsdp")
+    assert specs["nsp/bias"] == P(None)  # no logical name: replicated
