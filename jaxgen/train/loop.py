@@ -352,11 +352,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
                 if done % config.train.checkpoint_every == 0 or done == num_steps:
                     save(done)
                 bar.update(1)
-                if stop.received:
+                if _agreed_stop(stop.received is not None):
                     save(done)
                     ckpt.wait()
                     raise Preempted(
-                        f"{stop.received} received: saved a checkpoint at step {done} in "
+                        f"{stop.received or 'SIGTERM on another host'} received: saved a checkpoint at step {done} in "
                         f"{ckpt.directory}; run the same command again to resume"
                     )
         ckpt.wait()
@@ -367,6 +367,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
         writer.close()
         ckpt.close()
     return eval_rows
+
+
+def _agreed_stop(local: bool) -> bool:
+    """Whether any process was asked to stop: all processes must checkpoint at the same step."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
 def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -144,20 +144,8 @@ def test_bert_loss_is_mesh_independent_on_a_tensor_mesh():
     assert_same_losses("bert", (1, 1, 8))
 
 
-# On (2, 2, 2) the loss is right but the gradients are not (grad_norm 2.26 instead of 2.12 at step
-# 1): XLA's CPU SPMD partitioning of BERT's masked-position gather + tied projection, reproduced
-# with plain jax (a take_along_axis on a [B, T, D] activation, then an einsum with the (tensor,
-# fsdp) table) and with the Shardy and GSPMD partitioners alike; every 1- and 2-axis mesh is exact.
-# strict: the day it is fixed this test fails, so the marker gets removed.
-BERT_222_BUG = pytest.mark.xfail(
-    strict=True, reason="XLA CPU: wrong BERT gradients on the (2, 2, 2) mesh (see comment)"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "shape", [(8, 1, 1), (2, 4, 1), pytest.param((2, 2, 2), marks=BERT_222_BUG)]
-)
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_bert_loss_is_mesh_independent(shape):
     assert_same_losses("bert", shape)
 
@@ -178,11 +166,11 @@ def test_parameters_are_sharded_as_the_rules_say():
         module, objective, optimizer, batch, seed=0, mesh=make_mesh((2, 2, 2))
     )
     specs = param_specs(state)
-    # (vocab, embed) -> (tensor, fsdp); (embed, heads, kv) -> (fsdp, tensor, None); (embed, mlp).
-    assert specs["token_embed/embedding"] == P("tensor", "fsdp")
-    # The arrays really are split: each device holds a quarter of the table.
+    # (vocab, embed) -> ((tensor, fsdp), None); (embed, heads, kv) -> (fsdp, tensor, None).
+    assert specs["token_embed/embedding"] == P(("tensor", "fsdp"), None)
+    # The arrays really are split: each device holds a quarter of the table's rows.
     leaf = state.params["token_embed"]["embedding"]
-    assert leaf.addressable_shards[0].data.shape == (VOCAB // 2, 32 // 2)
+    assert leaf.addressable_shards[0].data.shape == (VOCAB // 4, 32)
     assert {d.id for d in leaf.sharding.device_set} == set(range(8))
     block = next(k for k in specs if k.endswith("attention/query/kernel"))
     assert specs[block] == P("fsdp", "tensor", None)
