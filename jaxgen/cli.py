@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train or resume a run",
-        epilog="Override any config key: --config.optim.learning_rate=3e-4 --config.model.num_layers=2",
+        epilog=(
+            "Override any config key: --config.optim.learning_rate=3e-4 --config.model.num_layers=2"
+        ),
     )
     train.add_argument(
         "--config", required=True, help="configs/<family>.py:<row>, e.g. configs/bert.py:smoke"

@@ -1,4 +1,4 @@
-"""Configs: load `configs/<family>.py:<row>`, apply `a.b=v` overrides, validate, save and reload as JSON.
+"""Configs: load `configs/<family>.py:<row>`, apply overrides, validate, save and reload as JSON.
 
 Config enters at the CLI boundary once: everything downstream receives plain values or sub-configs.
 """
@@ -116,7 +116,7 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
-    """Applies `a.b=v` (or `--config.a.b=v`) strings in place; unknown keys name the closest valid key."""
+    """Applies `a.b=v` (or `--config.a.b=v`) strings in place; unknown keys name the closest key."""
     for override in overrides:
         text = override.removeprefix("--").removeprefix("config.")
         if "=" not in text:
@@ -192,7 +192,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(int(train[key]) > 0, f"train.{key} must be positive, got {train[key]}")
     _require(
         train.batch_size % train.grad_accum == 0,
-        f"train.batch_size={train.batch_size} must be divisible by train.grad_accum={train.grad_accum}",
+        f"train.batch_size={train.batch_size} must be divisible by "
+        f"train.grad_accum={train.grad_accum}",
     )
     _require(
         optim.learning_rate > 0, f"optim.learning_rate must be positive, got {optim.learning_rate}"
@@ -220,7 +221,7 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def save_config(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
-    """Writes the resolved config as indented JSON (atomically, so a crash never leaves half a file)."""
+    """Writes the resolved config as indented JSON, atomically: a crash never leaves half a file."""
     path = Path(path)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,4 @@
-"""The device mesh, the one table mapping logical axis names to mesh axes, and the shardings built from it."""
+"""The device mesh, the one table mapping logical axis names to mesh axes, and shardings from it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-# Auto axes: shardings are set at jit boundaries and logical constraints, and XLA propagates the rest.
+# Auto axes: shardings are set at jit boundaries and logical constraints; XLA propagates the rest.
 AUTO_AXES = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
 
-# Logical name -> mesh axes. Batches split over data and fsdp; fsdp also shards the embed dimension of every
-# parameter (ZeRO-3 style); tensor shards heads and the MLP (Megatron style).
+# Logical name -> mesh axes. Batches split over data and fsdp; fsdp also shards the embed dimension
+# of every parameter (ZeRO-3 style); tensor shards heads and the MLP (Megatron style).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -26,8 +26,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("mlp", "tensor"),
     # Vocabulary rows over tensor x fsdp together (embed then stays whole): the 2-D layout
-    # P('tensor', 'fsdp') of a tied embedding made XLA's SPMD partitioner (jax 0.10.2, CPU) return wrong
-    # gradients on a (2, 2, 2) mesh; this layout shards the table as finely and is exact.
+    # P('tensor', 'fsdp') of a tied embedding made XLA's SPMD partitioner (jax 0.10.2, CPU) return
+    # wrong gradients on a (2, 2, 2) mesh; this layout shards the table as finely and is exact.
     ("vocab", ("tensor", "fsdp")),
     ("layers", None),
 )
@@ -37,17 +37,21 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
     """Resolves the (data, fsdp, tensor) sizes, where one -1 takes the remaining devices."""
     sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1; got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(
+            f"at most one mesh axis may be -1; got {dict(zip(MESH_AXES, sizes, strict=True))}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
             raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices"
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide "
+                f"{num_devices} devices"
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {num_devices} are "
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} has {math.prod(sizes)} devices "
+            f"but {num_devices} are "
             "available; set mesh sizes whose product is the device count, or one of them to -1"
         )
     return tuple(sizes)  # type: ignore[return-value]
@@ -64,9 +68,9 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes from dimensions they do not divide, so small or odd-sized leaves are replicated."""
+    """Drops mesh axes from dims they do not divide, so small or odd-sized leaves are replicated."""
     fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = []
         for name in names:
@@ -96,7 +100,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
 
 
 def strip_boxes(tree: Any) -> Any:
-    """The values of `nn.LogicallyPartitioned` leaves, without the sharding constraint `unbox` applies."""
+    """The values of `nn.LogicallyPartitioned` leaves, without `unbox`'s sharding constraint."""
     return jax.tree.map(
         lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
         tree,
@@ -124,5 +128,5 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
 
 
 def axis_rules():
-    """Context manager that activates the logical-axis rules (for tracing models with constraints)."""
+    """Context manager activating the logical-axis rules (for tracing models with constraints)."""
     return nn.logical_axis_rules(LOGICAL_RULES)

@@ -1,4 +1,4 @@
-"""Test setup: eight simulated CPU devices and a shared compilation cache, set before jax is imported."""
+"""Test setup (before jax is imported): eight simulated CPU devices, a shared compilation cache."""
 
 import os
 import tempfile

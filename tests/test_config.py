@@ -13,14 +13,14 @@ def get_config(arg="smoke"):
     if arg not in ("smoke", "base"):
         raise ValueError(f"unknown row {arg!r}; valid rows: smoke, base")
     c = ml_collections.ConfigDict()
-    c.model = dict(family="bert", vocab_size=100, num_layers=2, d_model=32, num_heads=2, head_dim=16,
-                   d_ff=64, max_len=64, dropout=0.1, attention_dropout=0.1, dtype="float32",
-                   attention="xla", type_vocab_size=2)
+    c.model = dict(family="bert", vocab_size=100, num_layers=2, d_model=32, num_heads=2,
+                   head_dim=16, d_ff=64, max_len=64, dropout=0.1, attention_dropout=0.1,
+                   dtype="float32", attention="xla", type_vocab_size=2)
     c.data = dict(corpus="builtin", seq_len=32, max_predictions=5, lowercase=True)
     c.optim = dict(name="adamw", learning_rate=1e-3, schedule="linear", warmup_steps=10,
                    weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
-    c.train = dict(batch_size=8, num_steps=10 if arg == "smoke" else 1000, grad_accum=1, eval_every=5,
-                   log_every=5, checkpoint_every=5, seed=0, phases=[])
+    c.train = dict(batch_size=8, num_steps=10 if arg == "smoke" else 1000, grad_accum=1,
+                   eval_every=5, log_every=5, checkpoint_every=5, seed=0, phases=[])
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c
 """

@@ -7,7 +7,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_readme_configs_table_matches_the_configs():
-    spec = importlib.util.spec_from_file_location("update_readme", REPO / "experiments/update_readme.py")
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", REPO / "experiments/update_readme.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     text = (REPO / "README.md").read_text()

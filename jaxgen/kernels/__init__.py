@@ -1,1 +1,1 @@
-"""Attention kernels: one entry point (`attention.attention`), a Pallas flash kernel, an XLA reference."""
+"""Attention kernels: one entry point (`attention.attention`), Pallas flash and an XLA reference."""

@@ -1,4 +1,4 @@
-"""The one attention entry point used by every model: validates shapes and picks an implementation."""
+"""The one attention entry point used by every model: validates shapes, picks an implementation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ IMPLS = ("xla", "flash", "auto")
 
 
 def resolve_impl(impl: str) -> str:
-    """Returns the concrete implementation for `impl`: 'auto' is flash on TPU and GPU, xla on CPU."""
+    """Returns the concrete implementation of `impl`: 'auto' is flash on TPU and GPU, xla on CPU."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl == "auto":
@@ -44,8 +44,9 @@ def attention(
 
     segment ids are `[B, T]` / `[B, S]` int32 with 0 = padding; for self-attention `kv_segment_ids`
     defaults to `segment_ids`. `bias` is additive `[B|1, N, T, S]`; `scale` defaults to 1/sqrt(H).
-    `partition` is how q is sharded over the current mesh (`[B, T, N, H]` mesh axes): the flash kernel
-    cannot be partitioned by XLA, so it runs under `shard_map` on each device's batch and head shard.
+    `partition` is how q is sharded over the current mesh (`[B, T, N, H]` mesh axes): the flash
+    kernel cannot be partitioned by XLA, so it runs under `shard_map` on each device's batch and
+    head shard.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, len, N, H]; got {q.shape=} {k.shape=} {v.shape=}")
@@ -92,7 +93,7 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def _dividing(axes: tuple[str, ...], size: int, mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
-    """The prefix of `axes` whose mesh sizes divide `size` (the rest of that dimension is replicated)."""
+    """The prefix of `axes` whose mesh sizes divide `size` (the rest of that dim is replicated)."""
     kept: list[str] = []
     for axis in axes:
         if size % math.prod(mesh.shape[a] for a in kept + [axis]) == 0:
@@ -101,7 +102,7 @@ def _dividing(axes: tuple[str, ...], size: int, mesh: jax.sharding.AbstractMesh)
 
 
 def _sharded_flash(q, k, v, partition: PartitionSpec, mesh, kwargs: dict) -> jax.Array:
-    """Runs the flash kernel on each device's (batch, heads) shard; lengths and head_dim stay whole."""
+    """Runs the flash kernel on each device's (batch, heads) shard; lengths, head_dim stay whole."""
     from jaxgen.kernels import flash_attention
 
     entries = tuple(partition) + (None,) * (4 - len(partition))
@@ -127,7 +128,7 @@ def _sharded_flash(q, k, v, partition: PartitionSpec, mesh, kwargs: dict) -> jax
 
     def local(*xs: jax.Array) -> jax.Array:
         full: list = [None] * len(args)
-        for i, x in zip(present, xs):
+        for i, x in zip(present, xs, strict=True):
             full[i] = x
         q, k, v, seg, kv_seg, bias, table, rng = full
         if rng is not None:

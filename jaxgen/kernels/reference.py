@@ -1,6 +1,7 @@
-"""Plain-XLA attention: the fallback implementation and the oracle the Pallas kernel is tested against.
+"""Plain-XLA attention: the fallback implementation and the oracle the Pallas kernel is tested on.
 
-Shapes use the letters of `jaxgen.models.layers`: B batch, T query length, S key length, N heads, H head dim.
+Shapes use the letters of `jaxgen.models.layers`: B batch, T query length, S key length, N heads,
+H head dim.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class RelativePositionBias(NamedTuple):
 def relative_position_bucket(
     relative_position: jax.Array, *, bidirectional: bool, num_buckets: int, max_distance: int
 ) -> jax.Array:
-    """Maps `key_pos - query_pos` to T5 buckets: exact for small distances, log-spaced up to max_distance."""
+    """Maps `key_pos - query_pos` to T5 buckets: exact when small, log-spaced up to max_distance."""
     ret = jnp.zeros_like(relative_position)
     n = -relative_position
     if bidirectional:
@@ -105,8 +106,9 @@ def attention(
 ) -> jax.Array:
     """Softmax attention of q `[B, T, N, H]` over k, v `[B, S, N, H]`; returns `[B, T, N, H]`.
 
-    Accumulates in float32. Rows with no visible key return zeros. `dropout_mask` (`[B, N, T, S]`, True =
-    keep) overrides the mask drawn from `dropout_rng`, so tests can feed the kernel's own mask.
+    Accumulates in float32. Rows with no visible key return zeros. `dropout_mask` (`[B, N, T, S]`,
+    True = keep) overrides the mask drawn from `dropout_rng`, so tests can feed the kernel's own
+    mask.
     """
     _, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]

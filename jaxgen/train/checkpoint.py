@@ -1,8 +1,9 @@
 """Checkpoints: an orbax CheckpointManager holding the train state and the data iterator state.
 
-orbax writes each checkpoint into a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint as the latest; `cleanup_tmp_directories` removes the partial one on
-the next start. Errors raised inside an asynchronous save surface at the next `save`, `wait` or `close`.
+orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoint as the latest; `cleanup_tmp_directories` removes the
+partial one on the next start. Errors raised inside an asynchronous save surface at the next
+`save`, `wait` or `close`.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class Checkpointer:
             )
         except Exception as err:  # orbax raises many types; the user needs the path and the cause
             raise CheckpointError(
-                f"cannot restore checkpoint {self.directory / str(step)}: {type(err).__name__}: {err}. "
+                f"cannot restore checkpoint {self.directory / str(step)}: "
+                f"{type(err).__name__}: {err}. "
                 "Move that directory away to resume from the previous checkpoint."
             ) from err
         return restored["state"], restored["data"]
@@ -137,7 +139,7 @@ def abstract_like(state: TrainState, shardings: TrainState) -> TrainState:
 
 
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
-    """Reads only the parameters of a run's latest (or given) checkpoint, unsharded, for sampling/export."""
+    """Reads the params of a run's latest (or given) checkpoint, unsharded, for sampling/export."""
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise CheckpointError(

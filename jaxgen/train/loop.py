@@ -1,4 +1,4 @@
-"""The training loop: data, sharded steps, evaluation, metrics, checkpoints, resumption and preemption."""
+"""The training loop: data, sharded steps, evaluation, metrics, checkpoints, resume, preemption."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
 
 
 class _StopSignal:
-    """Turns SIGTERM and Ctrl-C into a flag checked between steps, so the loop saves before exiting."""
+    """Turns SIGTERM and Ctrl-C into a flag checked between steps; the loop saves before exiting."""
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -179,7 +179,7 @@ class DataSource:
         self.cache_dir = cache_dir
 
     def dataset(self, split: str, phase: Phase) -> Any:
-        """The train (infinite, shuffled) or eval (fixed) iterator of process-local batches for a phase."""
+        """A phase's train (infinite, shuffled) or eval (fixed) iterator of host-local batches."""
         return pipeline.build_dataset(
             self.config,
             self.tokenizer,
@@ -213,7 +213,7 @@ def _derived(family: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
-    """Trains (or resumes) the run in `workdir` to `train.num_steps`; returns the eval rows it logged."""
+    """Trains (or resumes) the run in `workdir` to `train.num_steps`; returns the eval rows."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
@@ -263,7 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
     latest = ckpt.latest_step()
     start = latest or 0
     data_state: dict[str, Any] = {}
-    # `is not None`: a converted checkpoint (jaxgen convert --from hf) is a real checkpoint at step 0.
+    # `is not None`: a converted checkpoint (jaxgen convert --from hf) is a real one at step 0.
     if latest is not None:
         state, data_state = ckpt.restore(latest, checkpoint_lib.abstract_like(state, shardings))
         log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
@@ -356,7 +356,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
                     save(done)
                     ckpt.wait()
                     raise Preempted(
-                        f"{stop.received or 'SIGTERM on another host'} received: saved a checkpoint at step {done} in "
+                        f"{stop.received or 'SIGTERM on another host'} received: "
+                        f"saved a checkpoint at step {done} in "
                         f"{ckpt.directory}; run the same command again to resume"
                     )
         ckpt.wait()
@@ -383,7 +384,7 @@ def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Refuses to resume a run whose model or data settings changed; other changes are only reported."""
+    """Refuses to resume a run whose model or data settings changed; other changes are reported."""
     saved = workdir / "config.json"
     if not saved.exists() or not (workdir / "checkpoints").exists():
         return

@@ -11,7 +11,7 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Appends metric rows to `workdir/metrics.jsonl` and TensorBoard; a no-op on non-primary processes."""
+    """Appends metric rows to `workdir/metrics.jsonl` and TensorBoard; no-op off the primary."""
 
     def __init__(
         self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int = 0
@@ -21,8 +21,8 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        # Rows past the checkpoint we resume from were logged by a run that died before saving again:
-        # drop them so the file reads exactly like an uninterrupted run.
+        # Rows past the checkpoint we resume from were logged by a run that died before saving
+        # again: drop them so the file reads exactly like an uninterrupted run.
         if self.path.exists():
             kept = [
                 line

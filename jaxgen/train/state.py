@@ -1,4 +1,4 @@
-"""The training state: one pytree holding everything a resumed run needs besides the data iterator."""
+"""The training state: one pytree holding all a resumed run needs besides the data iterator."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from flax import struct
 class TrainState(struct.PyTreeNode):
     """Step counter, parameters, optimizer state, the run's base rng and the spike-guard statistics.
 
-    `rng` is raw key data (uint32) so that checkpoints hold a plain array; each step derives its own keys by
-    folding in the step number, which makes a resumed run draw exactly the same dropout masks.
+    `rng` is raw key data (uint32) so that checkpoints hold a plain array; each step derives its own
+    keys by folding in the step number, which makes a resumed run draw exactly the same dropout
+    masks.
     """
 
     step: jax.Array

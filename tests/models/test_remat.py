@@ -1,4 +1,4 @@
-"""`model.remat` recomputes activations in the backward pass without changing outputs or gradients."""
+"""`model.remat` recomputes activations in the backward pass, changing no outputs or gradients."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The training loop end to end on tiny configs: metrics, eval, checkpoints, resume, preemption, errors."""
+"""End-to-end tiny-config training: metrics, eval, checkpoints, resume, preemption and errors."""
 
 import json
 import os
@@ -260,7 +260,7 @@ def test_cli_rejects_a_misspelt_key_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_and_the_rerun_resumes(tmp_path, cache_dir):
     workdir = tmp_path / "run"
-    # A run far too long to finish; constant learning rate so that num_steps does not shape the schedule.
+    # A run far too long to finish; constant learning rate so num_steps does not shape the schedule.
     common = TINY["bert"] + [
         f"data.cache_dir={cache_dir}",
         "train.log_every=1",
