@@ -1,19 +1,19 @@
 """Train-step throughput and model FLOP utilisation of jaxgen, beside HuggingFace's PyTorch models.
 
-    python experiments/bench_train_step.py                                  # bert, gpt and t5 mini rows
+    python experiments/bench_train_step.py                     # bert, gpt and t5 mini rows
     python experiments/bench_train_step.py --config configs/bert.py:mini --steps 10
 
-For each config it measures, in one process: the steady-state jitted train step (synthetic batches of the
-real shapes), tokens/s, MFU = model FLOPs per step / (step time x measured matmul FLOP/s of this device, and
-on TPU/GPU also x the published peak), the same step for the HuggingFace PyTorch model of the same size
-with AdamW when `torch` and `transformers` are installed, and the data pipeline alone (raw text to
-device-ready batches). The last line per family reads
+For each config it measures, in one process: the steady-state jitted train step (synthetic batches
+of the real shapes), tokens/s, MFU = model FLOPs per step / (step time x measured matmul FLOP/s of
+this device, and on TPU/GPU also x the published peak), the same step for the HuggingFace PyTorch
+model of the same size with AdamW when `torch` and `transformers` are installed, and the data
+pipeline alone (raw text to device-ready batches). The last line per family reads
 `RESULT family=<f> tokens_per_sec=<n> peer_tokens_per_sec=<n|none> ratio=<x|none> mfu=<fraction>`.
 
-Model FLOPs (stated so they can be checked): 6 x (matmul parameters) x (tokens they process) for forward
-and backward, plus 12 x layers x (heads x head_dim) x (key length) per query token for attention, counted
-in full for causal attention (not halved). BERT's MLM head (dense + vocabulary projection) counts at the
-masked positions only; embeddings lookups count 0.
+Model FLOPs (stated so they can be checked): 6 x (matmul parameters) x (tokens they process) for
+forward and backward, plus 12 x layers x (heads x head_dim) x (key length) per query token for
+attention, counted in full for causal attention (not halved). BERT's MLM head (dense + vocabulary
+projection) counts at the masked positions only; embeddings lookups count 0.
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ from jaxgen.train import step as step_lib
 
 DEFAULT_CONFIGS = ("configs/bert.py:mini", "configs/gpt.py:mini", "configs/t5.py:mini")
 # Published dense bf16 peaks, for MFU against the datasheet on accelerators.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "H100": 989e12, "H200": 989e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
 
 
 @dataclasses.dataclass
@@ -79,7 +85,8 @@ def synthetic_batch(config: Any, rng: np.random.Generator) -> dict[str, np.ndarr
     family = config.model.family
     if family == "bert":
         p = config.data.max_predictions
-        positions = np.sort(np.stack([rng.choice(np.arange(1, t), p, replace=False) for _ in range(b)]))
+        choices = [rng.choice(np.arange(1, t), p, replace=False) for _ in range(b)]
+        positions = np.sort(np.stack(choices))  # [B, P], never [CLS]
         return dict(
             input_ids=ids(b, t),
             segment_ids=(np.arange(t)[None] >= t // 2).astype(np.int32).repeat(b, 0),
@@ -176,7 +183,7 @@ def bench_jaxgen(config: Any, steps: int, warmup: int) -> Measurement:
 
 
 def bench_peer(config: Any, steps: int, warmup: int) -> Measurement | None:
-    """The same step for HuggingFace's PyTorch model of the same dimensions, or None without torch."""
+    """The same step for HuggingFace's PyTorch model of the same size, or None without torch."""
     try:
         import torch
         import transformers
@@ -242,7 +249,7 @@ def bench_peer(config: Any, steps: int, warmup: int) -> Measurement | None:
 
 
 def bench_pipeline(config: Any, batches: int) -> tuple[float, float]:
-    """(examples/s, seconds to first batch) from raw text (tokenizer trained beforehand) to device batches."""
+    """(examples/s, seconds to first batch) from raw text (trained tokenizer) to device batches."""
     from jaxgen.train import loop
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,6 +257,7 @@ def bench_pipeline(config: Any, batches: int) -> tuple[float, float]:
         with config.unlocked():
             config.data.cache_dir = os.path.join(tmp, "cache")
         workdir = Path(tmp) / "run"
+        workdir.mkdir()  # DataSource writes its tokenizer there
         source = loop.DataSource(config, workdir)  # trains the tokenizer: not timed
         # Token arrays are cached per tokenizer; a fresh cache dir makes the timed part tokenize.
         source.cache_dir = Path(tmp) / "fresh-cache"
@@ -278,7 +286,10 @@ def main() -> None:
     device = jax.devices()[0]
     measured = matmul_flops_per_sec()
     peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
-    print(f"device: {device.device_kind} x{jax.device_count()}  matmul f32: {measured / 1e9:.0f} GFLOP/s")
+    print(
+        f"device: {device.device_kind} x{jax.device_count()}  "
+        f"matmul f32: {measured / 1e9:.0f} GFLOP/s"
+    )
     results = []
     for spec in args.config or DEFAULT_CONFIGS:
         config = config_lib.load_config(spec)
@@ -289,16 +300,18 @@ def main() -> None:
         mfu = flops / ours.step_seconds / measured
         print(f"\n== {spec}: batch {config.train.batch_size} x seq {config.data.seq_len}, "
               f"{flops / 1e9:.1f} GFLOP/step")  # fmt: skip
-        print(f"jaxgen : {ours.step_seconds * 1e3:8.1f} ms/step {ours.tokens_per_sec:10.0f} tokens/s "
-              f"MFU {mfu:.1%} of measured matmul"
-              + (f", {flops / ours.step_seconds / peak:.1%} of published peak" if peak else ""))  # fmt: skip
+        of_peak = f", {flops / ours.step_seconds / peak:.1%} of published peak" if peak else ""
+        print(f"jaxgen : {ours.step_seconds * 1e3:8.1f} ms/step {ours.tokens_per_sec:10.0f} "
+              f"tokens/s MFU {mfu:.1%} of measured matmul{of_peak}")  # fmt: skip
         if peer:
-            print(f"PyTorch: {peer.step_seconds * 1e3:8.1f} ms/step {peer.tokens_per_sec:10.0f} tokens/s "
+            print(f"PyTorch: {peer.step_seconds * 1e3:8.1f} ms/step {peer.tokens_per_sec:10.0f} "
+                  "tokens/s "
                   f"-> jaxgen is {ours.tokens_per_sec / peer.tokens_per_sec:.2f}x")  # fmt: skip
         examples_per_sec, first = bench_pipeline(config, args.pipeline_batches)
         step_examples = config.train.batch_size / ours.step_seconds
         print(f"pipeline: {examples_per_sec:,.0f} examples/s (first batch after {first:.1f} s), "
-              f"train step consumes {step_examples:,.0f}/s -> headroom {examples_per_sec / step_examples:.1f}x")  # fmt: skip
+              f"train step consumes {step_examples:,.0f}/s "
+              f"-> headroom {examples_per_sec / step_examples:.1f}x")  # fmt: skip
         ratio = f"{ours.tokens_per_sec / peer.tokens_per_sec:.2f}" if peer else "none"
         results.append(
             f"RESULT family={family} tokens_per_sec={ours.tokens_per_sec:.0f} "

@@ -29,6 +29,7 @@ from jaxgen.models.layers import (
     Mlp,
     ModelConfig,
     MultiHeadAttention,
+    add_vocab_bias,
     constrain,
     gelu,
     logical_param,
@@ -145,7 +146,7 @@ class Bert(nn.Module):
         mlm_bias = logical_param(
             self, "mlm_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",)
         )
-        mlm_logits = token_embed.attend(h) + mlm_bias  # [B, P, V]
+        mlm_logits = add_vocab_bias(token_embed.attend(h), mlm_bias)  # [B, P, V]
         mlm_logits = constrain(mlm_logits, ("batch", "length", "vocab"))
 
         pooled = Dense(

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.objectives import causal_lm
+
 BATCH_KEYS = (
     "input_ids",
     "segment_ids",
@@ -337,13 +339,12 @@ def loss_and_metrics(
     mlm_logits = outputs["mlm_logits"].astype(jnp.float32)  # [B, P, V]
     labels = batch["masked_ids"].astype(jnp.int32)  # [B, P]
     weights = batch["masked_weights"].astype(jnp.float32)  # [B, P]
-    log_probs = jax.nn.log_softmax(mlm_logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]  # [B, P]
+    nll, _, correct = causal_lm.token_losses(mlm_logits, labels)  # [B, P]
     mlm_sum = jnp.sum(nll * weights)
     mlm_weight = jnp.sum(weights)
     # A batch with no real predictions contributes zero loss rather than NaN.
     mlm_loss = mlm_sum / jnp.maximum(mlm_weight, 1.0)
-    mlm_correct = jnp.sum((jnp.argmax(mlm_logits, axis=-1) == labels) * weights)
+    mlm_correct = jnp.sum(correct * weights)
 
     nsp_logits = outputs["nsp_logits"].astype(jnp.float32)  # [B, 2]
     nsp_labels = batch["next_sentence_labels"].astype(jnp.int32)  # [B]
