@@ -19,16 +19,18 @@ AUTO_AXES = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
 # of every parameter (ZeRO-3 style); tensor shards heads and the MLP (Megatron style).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    # Vocabulary rows over tensor x fsdp together, and before embed: flax gives each mesh axis to
+    # the first rule that asks for it, so an embedding table's embed dimension stays whole. The
+    # 2-D layout P('tensor', 'fsdp') of a tied embedding made XLA's SPMD partitioner (jax 0.10.2,
+    # CPU) return wrong gradients on a (2, 2, 2) mesh; this one shards the table as finely and is
+    # exact.
+    ("vocab", ("tensor", "fsdp")),
     ("length", None),
     ("kv_length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
-    # Vocabulary rows over tensor x fsdp together (embed then stays whole): the 2-D layout
-    # P('tensor', 'fsdp') of a tied embedding made XLA's SPMD partitioner (jax 0.10.2, CPU) return
-    # wrong gradients on a (2, 2, 2) mesh; this layout shards the table as finely and is exact.
-    ("vocab", ("tensor", "fsdp")),
     ("layers", None),
 )
 
