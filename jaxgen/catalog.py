@@ -205,16 +205,18 @@ def _shards(shape: tuple[int, ...], spec: Any, sizes: Mapping[str, int]) -> int:
 
 def _param_stats(tree: Any, sizes: Mapping[str, int]) -> tuple[float, float]:
     """(float32 bytes in all, float32 bytes per device) of a boxed parameter tree on a mesh."""
-    specs = nn.logical_to_mesh(nn.get_partition_spec(tree), parallel.LOGICAL_RULES)
     leaves = jax.tree.leaves(parallel.strip_boxes(tree))
-    spec_leaves = jax.tree.leaves(
-        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
-    )
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    # Per leaf, the finer of the two layouts parallel.logical_shardings chooses between.
+    spec_lists = [
+        jax.tree.leaves(nn.logical_to_mesh(nn.get_partition_spec(tree), rules), is_leaf=is_spec)
+        for rules in (parallel.LOGICAL_RULES, parallel.FALLBACK_RULES)
+    ]
     total = per_device = 0.0
-    for leaf, spec in zip(leaves, spec_leaves, strict=True):
+    for leaf, *specs in zip(leaves, *spec_lists, strict=True):
         size = math.prod(leaf.shape) * 4
         total += size
-        per_device += size / _shards(leaf.shape, spec, sizes)
+        per_device += size / max(_shards(leaf.shape, spec, sizes) for spec in specs)
     return total, per_device
 
 

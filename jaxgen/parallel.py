@@ -33,6 +33,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
 )
+# Used per parameter when it shards more finely: vocabulary unsharded, embed over fsdp (also exact).
+FALLBACK_RULES = tuple((name, None if name == "vocab" else axes) for name, axes in LOGICAL_RULES)
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -84,21 +86,34 @@ def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partit
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes."""
+    """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes.
+
+    Each leaf gets the rules table's layout, or the fallback one when that shards it over more
+    devices (a vocabulary that tensor x fsdp does not divide, e.g. GPT's 50,257, keeps its embed
+    dimension over fsdp instead of being replicated).
+    """
     logical_specs = nn.get_partition_spec(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(logical_specs, LOGICAL_RULES)
     unboxed = strip_boxes(abstract_tree)
+    is_spec = lambda x: isinstance(x, PartitionSpec) or x is None
+    candidates = [
+        nn.logical_to_mesh(logical_specs, rules) for rules in (LOGICAL_RULES, FALLBACK_RULES)
+    ]
 
-    def to_sharding(spec: PartitionSpec | None, leaf: Any) -> NamedSharding:
-        spec = PartitionSpec() if spec is None else spec
-        return NamedSharding(mesh, _fit_spec(spec, tuple(getattr(leaf, "shape", ())), mesh))
+    def to_sharding(primary: PartitionSpec | None, fallback: PartitionSpec | None, leaf: Any):
+        shape = tuple(getattr(leaf, "shape", ()))
+        fitted = [
+            _fit_spec(PartitionSpec() if spec is None else spec, shape, mesh)
+            for spec in (primary, fallback)
+        ]
+        return NamedSharding(mesh, max(fitted, key=lambda spec: _shard_count(spec, mesh)))
 
-    return jax.tree.map(
-        to_sharding,
-        mesh_specs,
-        unboxed,
-        is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None,
-    )
+    return jax.tree.map(to_sharding, *candidates, unboxed, is_leaf=is_spec)
+
+
+def _shard_count(spec: PartitionSpec, mesh: Mesh) -> int:
+    """Number of pieces a spec splits an array into (ties keep the first candidate)."""
+    axes = [a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))]
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def strip_boxes(tree: Any) -> Any:
