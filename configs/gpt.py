@@ -47,6 +47,8 @@ GPT3 = {
     "gpt3-13b": (40, 5140, 40, 128, 1024, 1.0e-4, 13_000_000_000, 9_000_000_000),
     "gpt3-175b": (96, 12288, 96, 128, 1536, 0.6e-4, 175_000_000_000, 12_000_000_000),
 }
+# Table 2.1's head count for gpt3-1.3b, recorded as `printed_num_heads` (see above).
+GPT3_1_3B_PRINTED_HEADS = 24
 GPT3_WARMUP_TOKENS = 375_000_000
 GPT3_DECAY_TOKENS = 260_000_000_000
 GPT3_TOTAL_TOKENS = 300_000_000_000
@@ -106,6 +108,8 @@ def _base(arg: str) -> ml_collections.ConfigDict:
     config.paper = ""
     config.published_params = 0  # 0 = no published count
     config.released_params = 0  # the released checkpoint's count where it differs from the paper's
+    # The head count the paper prints where the row has to differ from it (0 = the row matches).
+    config.printed_num_heads = 0
     config.hardware = "cpu"
     config.model = ml_collections.ConfigDict(
         dict(
@@ -245,6 +249,8 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
         config.published_params = published
         _paper_scale(config, arg)
         model.update(num_layers=num_layers, d_model=d_model, num_heads=num_heads, head_dim=head_dim)
+        if arg == "gpt3-1.3b":
+            config.printed_num_heads = GPT3_1_3B_PRINTED_HEADS
         model.update(d_ff=4 * d_model, max_len=SEQ_GPT3, vocab_size=50_257, norm_position="pre")
         # Not published: dropout (0, as is usual at this scale) and the band width (256 tokens).
         model.update(dropout=0.0, attention_dropout=0.0, sparse_attention="alternating")
