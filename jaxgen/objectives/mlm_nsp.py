@@ -329,22 +329,17 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def loss_and_metrics(
-    outputs: dict[str, jax.Array], batch: dict[str, jax.Array]
+    outputs: dict[str, jax.Array], batch: dict[str, jax.Array], z_loss: float = 0.0
 ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
-    """loss = weighted-mean MLM cross-entropy over real predictions + mean NSP cross-entropy
-    (float32).
+    """loss = weighted-mean MLM cross-entropy over real predictions (+ z-loss) + mean NSP
+    cross-entropy (float32).
 
     outputs: mlm_logits [B, P, V], nsp_logits [B, 2]. Metrics are (sum, weight) pairs.
     """
-    mlm_logits = outputs["mlm_logits"].astype(jnp.float32)  # [B, P, V]
-    labels = batch["masked_ids"].astype(jnp.int32)  # [B, P]
-    weights = batch["masked_weights"].astype(jnp.float32)  # [B, P]
-    nll, _, correct = causal_lm.token_losses(mlm_logits, labels)  # [B, P]
-    mlm_sum = jnp.sum(nll * weights)
-    mlm_weight = jnp.sum(weights)
-    # A batch with no real predictions contributes zero loss rather than NaN.
-    mlm_loss = mlm_sum / jnp.maximum(mlm_weight, 1.0)
-    mlm_correct = jnp.sum(correct * weights)
+    # A batch with no real predictions contributes zero MLM loss rather than NaN.
+    mlm_loss, mlm = causal_lm.weighted_loss_and_metrics(
+        outputs["mlm_logits"], batch["masked_ids"], batch["masked_weights"], z_loss
+    )
 
     nsp_logits = outputs["nsp_logits"].astype(jnp.float32)  # [B, 2]
     nsp_labels = batch["next_sentence_labels"].astype(jnp.int32)  # [B]
@@ -356,12 +351,13 @@ def loss_and_metrics(
     nsp_correct = jnp.sum((jnp.argmax(nsp_logits, axis=-1) == nsp_labels).astype(jnp.float32))
 
     loss = mlm_loss + nsp_loss
-    one = jnp.ones((), jnp.float32)
     metrics = {
-        "loss": (loss, one),
-        "mlm_loss": (mlm_sum, mlm_weight),
-        "mlm_accuracy": (mlm_correct, mlm_weight),
+        "loss": (loss, jnp.ones((), jnp.float32)),
+        "mlm_loss": mlm["loss"],
+        "mlm_accuracy": mlm["accuracy"],
         "nsp_loss": (jnp.sum(nsp_nll), nsp_count),
         "nsp_accuracy": (nsp_correct, nsp_count),
     }
+    if "z_loss" in mlm:
+        metrics["z_loss"] = mlm["z_loss"]
     return loss, metrics

@@ -47,14 +47,6 @@ def mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager:
     return stack
 
 
-def _loss_options(objective: ModuleType, options: StepOptions) -> dict[str, Any]:
-    return (
-        {"z_loss": options.z_loss}
-        if options.z_loss and objective.__name__.endswith("span_corruption")
-        else {}
-    )
-
-
 def init_params_fn(module: nn.Module, objective: ModuleType, sample_batch: Batch) -> Callable:
     """A function rng -> boxed params (with logical-axis metadata) for `jax.eval_shape` or `jax.jit`."""
     inputs = objective.model_inputs({k: jnp.asarray(v) for k, v in sample_batch.items()})
@@ -134,7 +126,6 @@ def build_train_step(
     options: StepOptions = StepOptions(),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns the jitted `train_step(state, batch) -> (state, metrics)` with explicit shardings."""
-    loss_options = _loss_options(objective, options)
 
     def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any]:
         outputs = module.apply(
@@ -143,7 +134,7 @@ def build_train_step(
             deterministic=False,
             rngs={"dropout": rng},
         )
-        loss, sums = objective.loss_and_metrics(outputs, batch, **loss_options)
+        loss, sums = objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
         return loss, sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -229,13 +220,12 @@ def build_eval_step(
     options: StepOptions = StepOptions(),
 ) -> Callable[[Any, Batch], dict[str, tuple[jax.Array, jax.Array]]]:
     """Returns the jitted `eval_step(params, batch) -> {name: (sum, weight)}` (no dropout)."""
-    loss_options = _loss_options(objective, options)
 
     def step(params: Any, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
         outputs = module.apply(
             {"params": params}, **objective.model_inputs(batch), deterministic=True
         )
-        _, sums = objective.loss_and_metrics(outputs, batch, **loss_options)
+        _, sums = objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
         return sums
 
     jitted = jax.jit(

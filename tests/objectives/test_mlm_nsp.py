@@ -246,6 +246,17 @@ def test_loss_matches_reference_and_ignores_padding_predictions():
     assert float(mlm_nsp.loss_and_metrics(changed, batch)[0]) != float(loss)
 
 
+def test_z_loss_adds_squared_log_partition_of_real_predictions():
+    outputs, batch = _outputs_and_batch()
+    plain, _ = mlm_nsp.loss_and_metrics(outputs, batch)
+    loss, metrics = mlm_nsp.loss_and_metrics(outputs, batch, z_loss=1e-2)
+    logits, w = outputs["mlm_logits"], batch["masked_weights"]
+    log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    expected = 1e-2 * (np.square(log_z) * w).sum() / w.sum()
+    np.testing.assert_allclose(float(loss) - float(plain), expected, rtol=1e-4)
+    np.testing.assert_allclose(metrics["z_loss"][0] / metrics["z_loss"][1], expected, rtol=1e-4)
+
+
 def test_model_inputs_keys():
     batch = {k: np.zeros(1) for k in mlm_nsp.BATCH_KEYS}
     assert set(mlm_nsp.model_inputs(batch)) == {
