@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jaxgen.train.metrics import read_metrics
+from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -28,17 +29,7 @@ NUM_STEPS = 10
 PROCESS_TIMEOUT_S = 240  # one 2-process run; a normal one takes well under a minute
 
 TINY_BERT = [
-    "model.num_layers=1",
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.head_dim=16",
-    "model.d_ff=64",
-    "model.vocab_size=1000",
-    "data.seq_len=32",
-    "data.max_predictions=5",
-    "data.eval_documents=4",
-    "train.batch_size=8",
-    "train.eval_steps=1",
+    *TINY["bert"],
     "train.log_every=1",
     "train.eval_every=5",
     "train.checkpoint_every=5",

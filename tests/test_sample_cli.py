@@ -14,7 +14,7 @@ from jaxgen import cli, sample
 from jaxgen import config as config_lib
 from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.train import checkpoint, loop
-from tests.train.test_loop import tiny_config
+from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -18,21 +18,13 @@ from pathlib import Path
 import pytest
 
 from jaxgen import sweep
+from tests.tiny import tiny_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/bert.py:smoke"
 GRID = ["optim.learning_rate=1e-3,3e-3", "model.num_layers=1,2"]
 TINY_BERT = [
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.head_dim=16",
-    "model.d_ff=64",
-    "model.vocab_size=1000",
-    "data.seq_len=32",
-    "data.max_predictions=5",
-    "data.eval_documents=4",
-    "train.batch_size=8",
-    "train.eval_steps=1",
+    *tiny_shapes("bert"),
     "train.num_steps=3",
     "train.log_every=1",
     "train.eval_every=3",

@@ -7,7 +7,8 @@ import pytest
 
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
-from tests.train.test_loop import losses, tiny_config
+from tests.tiny import tiny_config
+from tests.train.test_loop import losses
 
 METRICS = {"gpt": ("loss", "accuracy", "perplexity"), "t5": ("loss", "accuracy")}
 RESUME_RTOL = 1e-5  # float32 on CPU: the resumed run replays the same computation

@@ -15,68 +15,15 @@ from jaxgen import config as config_lib
 from jaxgen.data.corpus import CorpusError
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
+from tests.tiny import TINY, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-TINY = {
-    "bert": [
-        "model.num_layers=1",
-        "model.d_model=32",
-        "model.num_heads=2",
-        "model.head_dim=16",
-        "model.d_ff=64",
-        "model.vocab_size=1000",
-        "data.seq_len=32",
-        "data.max_predictions=5",
-        "data.eval_documents=4",
-        "train.batch_size=8",
-        "train.eval_steps=1",
-    ],
-    "gpt": [
-        "model.num_layers=1",
-        "model.d_model=32",
-        "model.num_heads=2",
-        "model.head_dim=16",
-        "model.d_ff=64",
-        "model.vocab_size=1000",
-        "data.seq_len=32",
-        "data.eval_documents=4",
-        "train.batch_size=8",
-        "train.eval_steps=1",
-    ],
-    "t5": [
-        "model.num_layers=1",
-        "model.num_decoder_layers=1",
-        "model.d_model=32",
-        "model.num_heads=2",
-        "model.head_dim=16",
-        "model.d_ff=64",
-        "model.vocab_size=1000",
-        "data.seq_len=32",
-        "data.eval_documents=4",
-        "train.batch_size=8",
-        "train.eval_steps=1",
-    ],
-}
 
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One tokenizer/token cache for the whole session: training a vocabulary is the slow part."""
     return tmp_path_factory.mktemp("cache")
-
-
-def tiny_config(family, cache_dir, *extra):
-    overrides = TINY[family] + [
-        f"data.cache_dir={cache_dir}",
-        "train.num_steps=6",
-        "train.log_every=1",
-        "train.eval_every=3",
-        "train.checkpoint_every=3",
-        "optim.warmup_steps=2",
-        *extra,
-    ]
-    return config_lib.load_config(f"configs/{family}.py:smoke", overrides)
 
 
 def losses(workdir, split="train"):
