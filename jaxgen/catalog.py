@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import linen as nn
 
 from jaxgen import models, parallel
 from jaxgen.config import REPO_ROOT
@@ -189,34 +188,18 @@ def hardware_devices(hardware: str) -> tuple[int, int | None]:
     return cores // CORES_PER_DEVICE[generation], TPU_HBM_GIB[generation] * GIB
 
 
-def _shards(shape: tuple[int, ...], spec: Any, sizes: Mapping[str, int]) -> int:
-    """How many devices split one leaf (a mesh axis that does not divide a dimension leaves it
-    replicated, as `parallel` does)."""
-    count = 1
-    for dim, axes in zip(shape, tuple(spec or ()), strict=False):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        used = 1
-        for name in names:
-            if dim % (used * sizes[name]) == 0:
-                used *= sizes[name]
-        count *= used
-    return count
-
-
 def _param_stats(tree: Any, sizes: Mapping[str, int]) -> tuple[float, float]:
     """(float32 bytes in all, float32 bytes per device) of a boxed parameter tree on a mesh."""
     leaves = jax.tree.leaves(parallel.strip_boxes(tree))
-    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-    # Per leaf, the finer of the two layouts parallel.logical_shardings chooses between.
-    spec_lists = [
-        jax.tree.leaves(nn.logical_to_mesh(nn.get_partition_spec(tree), rules), is_leaf=is_spec)
-        for rules in (parallel.LOGICAL_RULES, parallel.FALLBACK_RULES)
-    ]
+    specs = jax.tree.leaves(
+        parallel.logical_partition_specs(tree, sizes),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
     total = per_device = 0.0
-    for leaf, *specs in zip(leaves, *spec_lists, strict=True):
+    for leaf, spec in zip(leaves, specs, strict=True):
         size = math.prod(leaf.shape) * 4
         total += size
-        per_device += size / max(_shards(leaf.shape, spec, sizes) for spec in specs)
+        per_device += size / parallel.shard_count(spec, sizes)
     return total, per_device
 
 

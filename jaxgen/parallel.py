@@ -71,26 +71,34 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=AUTO_AXES)
 
 
-def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def fit_spec(
+    spec: PartitionSpec, shape: tuple[int, ...], sizes: Mapping[str, int]
+) -> PartitionSpec:
     """Drops mesh axes from dims they do not divide, so small or odd-sized leaves are replicated."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = []
         for name in names:
-            size = math.prod(mesh.shape[n] for n in kept + [name])
-            if dim % size == 0:
+            if dim % math.prod(sizes[n] for n in kept + [name]) == 0:
                 kept.append(name)
         fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*fitted)
 
 
-def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes.
+def shard_count(spec: PartitionSpec, sizes: Mapping[str, int]) -> int:
+    """Number of pieces a spec splits an array into on a mesh with these axis sizes."""
+    axes = [a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))]
+    return math.prod(sizes[a] for a in axes)
+
+
+def logical_partition_specs(abstract_tree: Any, sizes: Mapping[str, int]) -> Any:
+    """PartitionSpecs for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes, on a mesh
+    with these axis sizes (no devices needed, so memory estimates for a pod run anywhere).
 
     Each leaf gets the rules table's layout, or the fallback one when that shards it over more
     devices (a vocabulary that tensor x fsdp does not divide, e.g. GPT's 50,257, keeps its embed
-    dimension over fsdp instead of being replicated).
+    dimension over fsdp instead of being replicated). Ties keep the rules table's layout.
     """
     logical_specs = nn.get_partition_spec(abstract_tree)
     unboxed = strip_boxes(abstract_tree)
@@ -99,21 +107,25 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
         nn.logical_to_mesh(logical_specs, rules) for rules in (LOGICAL_RULES, FALLBACK_RULES)
     ]
 
-    def to_sharding(primary: PartitionSpec | None, fallback: PartitionSpec | None, leaf: Any):
+    def choose(primary: PartitionSpec | None, fallback: PartitionSpec | None, leaf: Any):
         shape = tuple(getattr(leaf, "shape", ()))
         fitted = [
-            _fit_spec(PartitionSpec() if spec is None else spec, shape, mesh)
+            fit_spec(PartitionSpec() if spec is None else spec, shape, sizes)
             for spec in (primary, fallback)
         ]
-        return NamedSharding(mesh, max(fitted, key=lambda spec: _shard_count(spec, mesh)))
+        return max(fitted, key=lambda spec: shard_count(spec, sizes))
 
-    return jax.tree.map(to_sharding, *candidates, unboxed, is_leaf=is_spec)
+    return jax.tree.map(choose, *candidates, unboxed, is_leaf=is_spec)
 
 
-def _shard_count(spec: PartitionSpec, mesh: Mesh) -> int:
-    """Number of pieces a spec splits an array into (ties keep the first candidate)."""
-    axes = [a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))]
-    return math.prod(mesh.shape[a] for a in axes)
+def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings on `mesh` for a (possibly boxed) pytree: `logical_partition_specs` placed."""
+    specs = logical_partition_specs(abstract_tree, dict(mesh.shape))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def strip_boxes(tree: Any) -> Any:

@@ -32,8 +32,8 @@ def test_make_mesh_uses_every_device():
 
 
 def test_fit_spec_replicates_dimensions_an_axis_does_not_divide():
-    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert parallel._fit_spec(P("fsdp", "tensor"), (4, 6), mesh) == P("fsdp", "tensor")
-    assert parallel._fit_spec(P("fsdp", "tensor"), (4, 3), mesh) == P("fsdp", None)
-    assert parallel._fit_spec(P(("data", "fsdp")), (2,), mesh) == P("data")
-    assert parallel._fit_spec(P("fsdp"), (), mesh) == P()
+    sizes = {"data": 2, "fsdp": 2, "tensor": 2}
+    assert parallel.fit_spec(P("fsdp", "tensor"), (4, 6), sizes) == P("fsdp", "tensor")
+    assert parallel.fit_spec(P("fsdp", "tensor"), (4, 3), sizes) == P("fsdp", None)
+    assert parallel.fit_spec(P(("data", "fsdp")), (2,), sizes) == P("data")
+    assert parallel.fit_spec(P("fsdp"), (), sizes) == P()

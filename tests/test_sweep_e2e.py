@@ -73,7 +73,7 @@ def test_local_sweep_summary_rerun_and_failures(tmp_path, monkeypatch):
     out = io.StringIO()
     start = time.monotonic()
     results = sweep.run_sweep(
-        CONFIG, GRID, workdir, common, parallel=1, progress=False, env=_env(), out=out
+        CONFIG, GRID, workdir, common, parallel=2, progress=False, env=_env(), out=out
     )
     print(f"2x2 sweep: {time.monotonic() - start:.1f}s")
 

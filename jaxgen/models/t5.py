@@ -91,8 +91,8 @@ class T5Block(nn.Module):
         """x `[B, T, D]`, mask `[B, T]`, the stack's bias table `[R, N]`, encoded `[B, S, D]`,
         its mask `[B, S]` -> `[B, T, D]`."""
         cfg, dtype = self.config, self.config.compute_dtype
-        # Only the table crosses the block boundary: under nn.remat every argument is traced, and the
-        # bucket settings must stay static Python values.
+        # Only the table crosses the block boundary: under nn.remat every argument is traced,
+        # and the bucket settings must stay static Python values.
         relative_bias = RelativePositionBias(
             relative_table,
             not self.is_decoder,

@@ -10,15 +10,18 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant")
-# Parameter leaf names that are never weight-decayed: biases and LayerNorm/RMSNorm gains (BERT, GPT-1).
+# Parameter leaf names that are never weight-decayed: biases and LayerNorm/RMSNorm gains (BERT,
+# GPT-1).
 NO_DECAY_NAMES = ("bias", "scale")
 
 
 def make_schedule(optim: Mapping[str, Any], num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then `linear` to 0, `cosine` to final_lr_fraction, `rsqrt` or `constant`.
+    """Linear warmup from 0 to the peak, then `linear` to 0, `cosine` to final_lr_fraction,
+    `rsqrt` or `constant`.
 
-    `rsqrt` is T5's inverse square root: peak / sqrt(max(step, warmup_steps)) * sqrt(warmup_steps), i.e. the
-    peak held for warmup_steps (T5 holds 0.01 for 10^4 steps) and then decaying as 1/sqrt(step).
+    `rsqrt` is T5's inverse square root: peak / sqrt(max(step, warmup_steps)) *
+    sqrt(warmup_steps), i.e. the peak held for warmup_steps (T5 holds 0.01 for 10^4 steps) and
+    then decaying as 1/sqrt(step).
     """
     name = optim["schedule"]
     peak = float(optim["learning_rate"])
@@ -54,7 +57,7 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(optim: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-    """AdamW (decoupled decay, masked) or Adafactor, after global-norm clipping when clip_norm > 0."""
+    """AdamW (decoupled, masked decay) or Adafactor, after global-norm clipping if clip_norm > 0."""
     schedule = make_schedule(optim, num_steps)
     if optim["name"] == "adamw":
         core = optax.adamw(
@@ -66,8 +69,8 @@ def make_optimizer(optim: Mapping[str, Any], num_steps: int) -> optax.GradientTr
             mask=decay_mask,
         )
     elif optim["name"] == "adafactor":
-        # T5's settings: factored second moments, no momentum, update clipping 1.0, updates scaled by the
-        # parameter's RMS; weight decay is 0 in T5 pretraining.
+        # T5's settings: factored second moments, no momentum, update clipping 1.0, updates scaled
+        # by the parameter's RMS; weight decay is 0 in T5 pretraining.
         core = optax.adafactor(
             schedule,
             decay_rate=0.8,

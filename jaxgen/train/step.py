@@ -1,7 +1,9 @@
-"""Sharded train and eval steps: `jax.jit` with explicit in/out shardings over the (data, fsdp, tensor) mesh.
+"""Sharded train and eval steps: `jax.jit` with explicit in/out shardings over the (data, fsdp,
+tensor) mesh.
 
-A step is `train_step(state, batch) -> (state, metrics)`: a pure function of the state (which carries the
-base rng) and the batch. Objectives return `{name: (sum, weight)}`; the step turns those into means.
+A step is `train_step(state, batch) -> (state, metrics)`: a pure function of the state (which
+carries the base rng) and the batch. Objectives return `{name: (sum, weight)}`; the step turns
+those into means.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from jaxgen.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-# Spike guard: skip an update whose loss exceeds this multiple of its running mean (after the warmup below).
+# Spike guard: skip an update whose loss exceeds this multiple of its running mean (after the
+# warmup below).
 SPIKE_FACTOR = 3.0
 SPIKE_WARMUP_STEPS = 20
 EMA_DECAY = 0.98
@@ -48,7 +51,7 @@ def mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager:
 
 
 def init_params_fn(module: nn.Module, objective: ModuleType, sample_batch: Batch) -> Callable:
-    """A function rng -> boxed params (with logical-axis metadata) for `jax.eval_shape` or `jax.jit`."""
+    """A function rng -> boxed params (with logical-axis metadata) for eval_shape or jit."""
     inputs = objective.model_inputs({k: jnp.asarray(v) for k, v in sample_batch.items()})
 
     def init(rng: jax.Array) -> Any:
@@ -65,7 +68,7 @@ def create_train_state(
     seed: int,
     mesh: Mesh,
 ) -> tuple[TrainState, TrainState]:
-    """Initialises parameters and optimizer state directly in their shardings; returns (state, shardings)."""
+    """Parameters and optimizer state initialised in their shardings: (state, shardings)."""
     init = init_params_fn(module, objective, sample_batch)
     rng = jax.random.key(seed)
     with mesh_context(mesh):
@@ -76,7 +79,7 @@ def create_train_state(
         opt_shardings = optax.tree_map_params(
             optimizer,
             lambda leaf, sharding: NamedSharding(
-                mesh, parallel._fit_spec(sharding.spec, leaf.shape, mesh)
+                mesh, parallel.fit_spec(sharding.spec, leaf.shape, dict(mesh.shape))
             ),
             abstract_opt,
             param_shardings,
@@ -103,7 +106,7 @@ def create_train_state(
 
 
 def _split_micro(batch: Batch, grad_accum: int) -> Batch:
-    """[B, ...] -> [A, B/A, ...] taking every A-th row, so each micro-batch keeps rows on every shard."""
+    """[B, ...] -> [A, B/A, ...] taking every A-th row: each micro-batch has rows on every shard."""
 
     def split(x: jax.Array) -> jax.Array:
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])  # [B/A, A, ...]
