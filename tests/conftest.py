@@ -1,6 +1,7 @@
 """Test setup (before jax is imported): eight simulated CPU devices, a shared compilation cache."""
 
 import os
+import shutil
 import tempfile
 
 # Tests are compile-bound, not run-bound: cheaper LLVM passes cut compile time by about 40%.
@@ -11,6 +12,16 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests train the same tiny configs (and subprocesses re-run them): compile each program once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgen-xla-cache-"))
+# The session's own cache is removed at the end (a cache named by the caller is kept).
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="jaxgen-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Removes this session's compilation cache so repeated runs do not fill the temp dir."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`jaxgen sample` end to end: tiny GPT, T5 and BERT runs trained for 2 steps, then sampled.
+"""`jaxgen sample` end to end: tiny GPT, T5 and BERT runs trained for 6 steps, then sampled.
 
 Training three runs costs about a minute of compilation on 2 CPU cores, so the tests that sample
 are marked slow; the workdir errors that need no checkpoint run in the fast suite.
@@ -25,19 +25,12 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
-    """A 2-step tiny run per family (max_len 32 = seq_len, so the context limit is reachable)."""
+    """A tiny run per family, the same config as the trainer tests' (their compiled steps are
+    reused from the compilation cache)."""
     workdirs = {}
     for family in ("gpt", "t5", "bert"):
         workdir = tmp_path_factory.mktemp(f"{family}_run")
-        config = tiny_config(
-            family,
-            cache_dir,
-            "train.num_steps=2",
-            "train.eval_every=2",
-            "train.checkpoint_every=2",
-            "model.max_len=32",
-        )
-        loop.train(config, workdir)
+        loop.train(tiny_config(family, cache_dir), workdir)
         workdirs[family] = workdir
     return workdirs
 

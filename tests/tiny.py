@@ -11,6 +11,9 @@ _SHAPES = [
     "model.d_ff=64",
     "model.vocab_size=1000",
     "data.seq_len=32",
+    # max_len = seq_len: sampling tests reach the context limit, and every tiny run of a family has
+    # the same shapes, so the persistent compilation cache serves all test modules.
+    "model.max_len=32",
     "data.eval_documents=4",
     "train.batch_size=8",
     "train.eval_steps=1",

@@ -168,7 +168,7 @@ def build_train_step(
             )
             grads = jax.tree.map(lambda g: g / options.grad_accum, grads)
             loss = loss / options.grad_accum
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
