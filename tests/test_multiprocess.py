@@ -11,6 +11,7 @@ about 1e-7). All runs are subprocesses with the same XLA flags, so they compile 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,11 +48,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(
+def _start(
     workdir: Path, overrides: list[str], num_processes: int, log_dir: Path, tag: str
-) -> list[str]:
-    """Runs `python -m jaxgen train` as `num_processes` processes of one runtime, 8 CPU devices in
-    all; returns their logs and fails the test with every log if any process fails."""
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Starts `python -m jaxgen train` as `num_processes` processes of one runtime, 8 CPU devices in
+    all; returns the processes and their log files."""
     env = dict(os.environ)
     # Tiny programs: XLA's expensive CPU optimisations cost more compile time than they save.
     env["XLA_FLAGS"] = (
@@ -65,29 +66,39 @@ def _train(
     address = f"localhost:{_free_port()}"
     logs = [log_dir / f"{tag}-process{i}.log" for i in range(num_processes)]
     procs: list[subprocess.Popen] = []
-    start = time.monotonic()
-    try:
-        for i, log in enumerate(logs):
-            distributed = []
-            if num_processes > 1:
-                distributed = ["--coordinator_address", address, "--process_id", str(i)]
-                distributed += ["--num_processes", str(num_processes)]
-            with open(log, "w") as f:
-                procs.append(
-                    subprocess.Popen(
-                        [*argv, *distributed],
-                        cwd=REPO,
-                        env=env,
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
+    for i, log in enumerate(logs):
+        distributed = []
+        if num_processes > 1:
+            distributed = ["--coordinator_address", address, "--process_id", str(i)]
+            distributed += ["--num_processes", str(num_processes)]
+        with open(log, "w") as f:
+            procs.append(
+                subprocess.Popen(
+                    [*argv, *distributed],
+                    cwd=REPO,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                 )
-        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+            )
+    return procs, logs
+
+
+def _wait(
+    procs: list[subprocess.Popen], logs: list[Path], tag: str, expected_code: int = 0
+) -> list[str]:
+    """Waits for every process; returns their logs, or fails the test with every log if any
+    process exits with another code than `expected_code` (or times out)."""
+    start = time.monotonic()
+    deadline = start + PROCESS_TIMEOUT_S
+    try:
         # If one process dies, the others block in a collective until the coordinator notices:
         # stop waiting as soon as any fails.
         while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+            if time.monotonic() > deadline or any(
+                p.poll() not in (None, expected_code) for p in procs
+            ):
                 break
             time.sleep(0.2)
     finally:
@@ -95,16 +106,24 @@ def _train(
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
-    print(f"{num_processes}-process run '{tag}': {time.monotonic() - start:.1f}s")
+    print(f"{len(procs)}-process run '{tag}': {time.monotonic() - start:.1f}s after start")
     texts = [log.read_text(errors="replace") for log in logs]
     codes = [p.returncode for p in procs]
-    if codes != [0] * num_processes:
+    if codes != [expected_code] * len(procs):
         dump = "\n".join(
             f"===== process {i} (exit code {c}) =====\n{t}"
             for i, (c, t) in enumerate(zip(codes, texts, strict=True))
         )
-        pytest.fail(f"{num_processes}-process run '{tag}' failed (exit codes {codes}):\n{dump}")
+        expected = [expected_code] * len(procs)
+        pytest.fail(f"{len(procs)}-process run '{tag}' exited {codes}, not {expected}:\n{dump}")
     return texts
+
+
+def _train(
+    workdir: Path, overrides: list[str], num_processes: int, log_dir: Path, tag: str
+) -> list[str]:
+    """Runs training as `num_processes` processes to the end; returns their logs."""
+    return _wait(*_start(workdir, overrides, num_processes, log_dir, tag), tag)
 
 
 def _rows(workdir: Path, split: str) -> dict[int, dict]:
@@ -158,3 +177,35 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert (workdir / "DONE").read_text().strip() == str(NUM_STEPS)
     assert _checkpoint_steps(workdir) == [5, 10]
     assert not list(workdir.glob("tokenizer.tmp*"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """A preempted host's SIGTERM must stop every process at one step with one checkpoint: the
+    others would otherwise wait forever in the next step's collectives."""
+    workdir = tmp_path / "run"
+    overrides = [
+        *TINY["bert"],
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.log_every=1",
+        "train.eval_every=100000",
+        "train.checkpoint_every=100000",
+        "train.num_steps=100000",
+        "optim.schedule=constant",
+        "optim.warmup_steps=0",
+    ]
+    procs, logs = _start(workdir, overrides, 2, tmp_path, "sigterm")
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and metrics.read_text().count('"train"') >= 3:
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # the non-primary process only
+    texts = _wait(procs, logs, "sigterm", expected_code=130)
+
+    steps = _checkpoint_steps(workdir)
+    assert len(steps) == 1 and steps[0] >= 3, steps
+    assert f"SIGTERM received: saved a checkpoint at step {steps[0]}" in texts[1]
+    assert f"SIGTERM on another host received: saved a checkpoint at step {steps[0]}" in texts[0]
+    assert max(_rows(workdir, "train")) == steps[0]
