@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 from jax.sharding import PartitionSpec
 
+from jaxgen import parallel
 from jaxgen.kernels import reference
 from jaxgen.kernels.reference import RelativePositionBias, relative_position_bucket
 
@@ -92,24 +91,17 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _dividing(axes: tuple[str, ...], size: int, mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
-    """The prefix of `axes` whose mesh sizes divide `size` (the rest of that dim is replicated)."""
-    kept: list[str] = []
-    for axis in axes:
-        if size % math.prod(mesh.shape[a] for a in kept + [axis]) == 0:
-            kept.append(axis)
-    return tuple(kept)
-
-
 def _sharded_flash(q, k, v, partition: PartitionSpec, mesh, kwargs: dict) -> jax.Array:
     """Runs the flash kernel on each device's (batch, heads) shard; lengths, head_dim stay whole."""
     from jaxgen.kernels import flash_attention
 
     entries = tuple(partition) + (None,) * (4 - len(partition))
-    batch_axes = _dividing(_axes(entries[0]), q.shape[0], mesh)
-    head_axes = _dividing(_axes(entries[2]), q.shape[2], mesh)
-    b = batch_axes or None
-    h = head_axes or None
+    # Axes that do not divide the batch or head count leave that dimension replicated, as for
+    # parameters.
+    fitted = parallel.fit_spec(
+        PartitionSpec(entries[0], None, entries[2], None), q.shape, dict(mesh.shape)
+    )
+    b, h = fitted[0], fitted[2]
     qkv = PartitionSpec(b, None, h, None)
     bias, rel, rng = kwargs.pop("bias"), kwargs.pop("relative_bias"), kwargs.pop("dropout_rng")
     seg, kv_seg = kwargs.pop("segment_ids"), kwargs.pop("kv_segment_ids")
@@ -134,7 +126,7 @@ def _sharded_flash(q, k, v, partition: PartitionSpec, mesh, kwargs: dict) -> jax
         if rng is not None:
             # The kernel hashes local batch/head indices: fold the shard's position in so that
             # every shard draws a different dropout mask.
-            for axis in batch_axes + head_axes:
+            for axis in _axes(b) + _axes(h):
                 rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
         relative = rel._replace(table=table) if rel is not None else None
         return flash_attention.flash_attention(
