@@ -4,8 +4,8 @@ Everything is a grain `MapDataset`, so element k of the stream is a pure functio
 iterator state is just the next batch index, resuming reproduces the same batches, and the global
 batch is the same whatever the number of processes (each process builds only its own rows of it).
 
-- Train repeats forever with a new shuffle each epoch. Eval is a fixed finite set, identical at
-  every evaluation.
+- Train repeats forever with a new shuffle each epoch. Eval is a fixed finite set, shuffled once,
+  identical at every evaluation.
 - BERT: sentence pairs are made once per `dupe_factor` pass (google-research/bert's static data);
   masks are drawn in a grain map with an rng keyed by the pair (static masking: the same mask every
   epoch) or by the stream position (dynamic masking: new masks each epoch).
@@ -189,7 +189,9 @@ def _bert_stream(
             "(raise data.eval_documents or use a corpus with more documents)"
         )
     train = split == "train"
-    dupe_factor = int(_setting(data, "dupe_factor", 1)) if train else 1
+    # Eval pairs also take `dupe_factor` passes: one pass over a dozen held-out documents gives
+    # only a few hundred pairs, and an eval longer than that would count the same NSP labels twice.
+    dupe_factor = int(_setting(data, "dupe_factor", 1))
     short_seq_prob = float(_setting(data, "short_seq_prob", 0.1))
     random_next_prob = float(_setting(data, "random_next_prob", 0.5))
     pair_seed = [seed, _TAGS["pairs"]] if train else [EVAL_SEED, _TAGS["eval"]]
@@ -452,6 +454,10 @@ def build_dataset(
         source = source.shuffle(seed=shuffle_seed)  # each epoch gets its own permutation
         total = sys.maxsize
     else:
+        # A fixed order, shuffled once, so any number of eval batches is a uniform sample of the
+        # held-out examples rather than the first documents.
+        shuffle_seed = int(np.random.SeedSequence([EVAL_SEED, _TAGS["eval"]]).generate_state(1)[0])
+        source = source.shuffle(seed=shuffle_seed)
         total = num_batches or max(1, len(records) // global_batch)
     examples = source.repeat().map_with_index(make)
 

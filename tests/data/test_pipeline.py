@@ -193,6 +193,29 @@ def test_eval_is_fixed_finite_and_held_out(tokenizers, builtin_docs, cache_dir):
     assert checked > 10
 
 
+def test_eval_pairs_are_distinct_beyond_one_pass(tokenizers, builtin_docs, cache_dir):
+    # One pairing pass over the held-out documents gives `one_pass` pairs; an eval of more rows
+    # must draw from further passes (dupe_factor 2 here) rather than score the same pairs twice.
+    config = data_config("bert", data__dupe_factor=1)
+    one_pass = make("bert", tokenizers, builtin_docs, cache_dir, split="eval", config=config)
+    one_pass = one_pass.get_state()["signature"]["num_records"]
+    rows = one_pass * 3 // 2
+    batches = list(
+        make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=rows // BATCH)
+    )
+    pairs = set()
+    for b in batches:
+        for r in range(BATCH):
+            ids = b["input_ids"][r].copy()
+            real = b["masked_weights"][r] > 0
+            ids[b["masked_positions"][r][real]] = b["masked_ids"][r][real]  # undo the masking
+            pairs.add((tuple(ids), tuple(b["segment_ids"][r])))
+    # More distinct pairs than one pass has (small documents may repeat a pair across passes).
+    assert len(pairs) > one_pass
+    labels = np.concatenate([b["next_sentence_labels"] for b in batches])
+    assert abs(labels.mean() - 0.5) < 0.1  # a shuffled sample of all documents, not the first ones
+
+
 def test_token_cache_written_and_reused(tokenizers, builtin_docs, tmp_path):
     pipeline._TOKEN_CACHE.clear()
     first = pipeline.tokenize_documents(builtin_docs, tokenizers["gpt"], tmp_path)
