@@ -101,18 +101,33 @@ def text_to_sentences(text: str) -> list[str]:
     return sentences
 
 
-def builtin_documents() -> list[list[str]]:
-    """The built-in corpus: `pydoc_data.topics` entries (sorted by name) as prose sentences,
-    deduplicated.
+def _sections(text: str) -> list[str]:
+    """A reference text cut before each heading (a line underlined by a rule)."""
+    sections: list[list[str]] = [[]]
+    for line in text.splitlines():
+        if _HEADING_RULE.match(line) and len(sections[-1]) > 1:
+            heading = sections[-1].pop()
+            sections.append([heading])
+        sections[-1].append(line)
+    return ["\n".join(lines) for lines in sections]
 
-    Many topics are also sections of bigger ones ('if' and 'while' inside 'compound'): left in, a
-    held-out document would also be training text. Going from the shortest topic up, sentences
-    already seen are removed, so each section stays whole in its own topic and the bigger topics
-    keep only their own text.
+
+def builtin_documents() -> list[list[str]]:
+    """The built-in corpus: the sections of the `pydoc_data.topics` entries (sorted by name, cut at
+    their headings) as prose sentences, deduplicated.
+
+    Sections rather than whole entries are the documents: NSP needs many documents, and the 78
+    entries are few enough for a small model to learn which words belong to which entry instead of
+    whether two segments continue each other (sections give ~170 documents of the same text). Many
+    entries are also sections of bigger ones ('if' and 'while' inside 'compound'): left in, a
+    held-out document would also be training text. Going from the shortest section up, sentences
+    already seen are removed, so each text stays whole in its smallest home.
     """
     from pydoc_data.topics import topics
 
-    docs = [text_to_sentences(topics[name]) for name in sorted(topics)]
+    docs = [
+        text_to_sentences(section) for name in sorted(topics) for section in _sections(topics[name])
+    ]
     seen: set[str] = set()
     kept: dict[int, list[str]] = {}
     for index in sorted(range(len(docs)), key=lambda i: (len(docs[i]), i)):
