@@ -1,17 +1,10 @@
 """The README's configs table is generated from the config files, never typed by hand."""
 
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.scripts import REPO, load_script
 
 
 def test_readme_configs_table_matches_the_configs():
-    spec = importlib.util.spec_from_file_location(
-        "update_readme", REPO / "experiments/update_readme.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("update_readme")
     text = (REPO / "README.md").read_text()
     assert module.render(text) == text, "README table is stale: python experiments/update_readme.py"
 

@@ -246,3 +246,16 @@ def test_sigterm_saves_a_final_checkpoint_and_the_rerun_resumes(tmp_path, cache_
     assert sorted(resumed) == list(range(1, stopped + 4))
     for step in full:
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+def test_bert_baselines_read_a_finished_run(bert_run):
+    from tests.scripts import load_script
+
+    result = load_script("bert_baselines").baselines(bert_run, train_batches=2)
+    final = [r for r in read_metrics(bert_run) if r["split"] == "eval"][-1]
+    assert result["run"] == final
+    saved = json.loads((bert_run / "config.json").read_text())["train"]
+    assert result["eval_examples"] == saved["eval_steps"] * saved["batch_size"]
+    # Add-one unigram counts beat a uniform guess over the tokenizer's entries.
+    assert result["unigram"] < result["uniform_tokenizer_vocab"] <= result["uniform_model_vocab"]
+    assert 0.5 <= result["majority_label"] <= 1.0 and 0.0 <= result["overlap_rule"] <= 1.0
