@@ -164,7 +164,12 @@ def test_user_text_and_jsonl_corpora_train(tmp_path, cache_dir):
         workdir = tmp_path / corpus.suffix[1:]
         loop.train(
             tiny_config(
-                "bert", cache_dir, f"data.corpus={corpus}", "train.num_steps=2", "data.cache_dir="
+                "bert",
+                cache_dir,
+                f"data.corpus={corpus}",
+                "data.eval_documents=4",
+                "train.num_steps=2",
+                "data.cache_dir=",
             ),
             workdir,
         )
