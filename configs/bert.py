@@ -106,6 +106,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             # The longest phase's shape; `train.phases` sets the shorter first phase.
             seq_len=512 if paper else 128,
             eval_documents=8,
+            split_seed=0,  # picks the held-out documents; train.seed does not move them
             cache_dir="",
             mask_prob=0.15,
             max_predictions=80 if paper else 20,

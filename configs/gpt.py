@@ -146,6 +146,7 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             lowercase=False,
             seq_len=128,
             eval_documents=16,  # ~10% of the built-in corpus's 168 sections
+            split_seed=0,  # picks the held-out documents; train.seed does not move them
             cache_dir="",
             # GPT-2/3 pack documents separated by <|endoftext|> with no attention masking between
             # them.

@@ -90,7 +90,9 @@ def baselines(workdir: Path, train_batches: int = 40) -> dict[str, Any]:
     tokenizer = load_tokenizer(workdir / "tokenizer")
     documents = corpus_lib.load_documents(config.data.corpus, min_documents=2)
     train_docs, eval_docs = corpus_lib.split_documents(
-        documents, int(config.data.eval_documents), int(config.train.seed)
+        documents,
+        int(config.data.eval_documents),
+        int(config.data.get("split_seed", config.train.seed)),  # older runs split by train.seed
     )
     eval_batches = _batches(config, tokenizer, eval_docs, "eval", int(config.train.eval_steps))
     train_ids = pipeline.tokenize_documents(train_docs, tokenizer).ids

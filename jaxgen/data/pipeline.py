@@ -397,7 +397,8 @@ def build_dataset(
     repeats forever, reshuffled each epoch; 'eval' yields `num_batches` batches (default: one pass
     over the held-out examples, at least one batch), the same ones on every call. documents: this
     split's documents (else config.data.corpus is loaded and split by `split_documents(docs,
-    data.eval_documents, seed)`); cache_dir: where token ids are cached (else data.cache_dir).
+    data.eval_documents, data.split_seed)`); cache_dir: where token ids are cached (else
+    data.cache_dir).
     """
     family = config.model.family
     data = config.data
@@ -428,7 +429,8 @@ def build_dataset(
         eval_documents = int(_setting(data, "eval_documents", 0))
         if split == "eval" and not eval_documents:
             raise DataError("data.eval_documents is 0: there is no eval split")
-        train_docs, eval_docs = split_documents(all_documents, eval_documents, seed)
+        split_seed = int(_setting(data, "split_seed", 0))
+        train_docs, eval_docs = split_documents(all_documents, eval_documents, split_seed)
         documents = train_docs if split == "train" else eval_docs
     cache_dir = cache_dir or _setting(data, "cache_dir", "") or None
     corpus = tokenize_documents(documents, tokenizer, cache_dir)

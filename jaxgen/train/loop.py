@@ -155,7 +155,7 @@ class DataSource:
             data.corpus, min_documents=2 if family == "bert" else 1
         )
         self.train_docs, self.eval_docs = corpus_lib.split_documents(
-            documents, int(data.eval_documents), int(config.train.seed)
+            documents, int(data.eval_documents), int(data.split_seed)
         )
         cache_dir = Path(data.cache_dir) if data.cache_dir else workdir / "cache"
         tokenizer_dir = workdir / "tokenizer"
@@ -390,6 +390,9 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> Non
         return
     old = config_lib.to_dict(config_lib.load_saved_config(saved))
     new = config_lib.to_dict(config)
+    if "split_seed" not in old.get("data", {}):
+        # Runs saved before data.split_seed existed drew their held-out documents with train.seed.
+        old.setdefault("data", {})["split_seed"] = old.get("train", {}).get("seed", 0)
     changes = config_lib.diff(old, new)
     fatal = [c for c in changes if c.startswith(("model.", "data."))]
     if fatal:

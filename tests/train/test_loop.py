@@ -264,3 +264,34 @@ def test_bert_baselines_read_a_finished_run(bert_run):
     # Add-one unigram counts beat a uniform guess over the tokenizer's entries.
     assert result["unigram"] < result["uniform_tokenizer_vocab"] <= result["uniform_model_vocab"]
     assert 0.5 <= result["majority_label"] <= 1.0 and 0.0 <= result["overlap_rule"] <= 1.0
+
+
+def test_held_out_documents_follow_split_seed_not_train_seed(tmp_path, cache_dir):
+    def eval_docs(*extra):
+        workdir = tmp_path / "-".join(extra or ["base"])
+        workdir.mkdir()
+        return loop.DataSource(tiny_config("bert", cache_dir, *extra), workdir).eval_docs
+
+    base = eval_docs()
+    assert eval_docs("train.seed=7") == base  # a seed sweep evaluates every point on one split
+    assert eval_docs("data.split_seed=7") != base
+
+
+def test_resuming_a_run_saved_before_split_seed(bert_run, tmp_path, cache_dir):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    (run / "DONE").unlink()
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data"]["split_seed"]  # what runs saved before the key existed hold
+    (run / "config.json").write_text(json.dumps(saved))
+    # They split with train.seed (0 here), which is today's split_seed: same documents, resumes.
+    loop.train(tiny_config("bert", cache_dir, "train.num_steps=7", "optim.decay_steps=6"), run)
+    assert max(losses(run)) == 7
+
+    # A run saved with train.seed=3 held out other documents: resuming with split_seed 0 refuses.
+    saved["train"]["seed"] = 3
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config_lib.ConfigError, match=r"data.split_seed: 3 -> 0"):
+        loop.train(tiny_config("bert", cache_dir, "train.num_steps=8", "optim.decay_steps=6"), run)
