@@ -116,7 +116,7 @@ def builtin_documents() -> list[list[str]]:
     """The built-in corpus: the sections of the `pydoc_data.topics` entries (sorted by name, cut at
     their headings) as prose sentences, deduplicated.
 
-    Sections rather than whole entries are the documents: NSP needs many documents, and the 78
+    Sections rather than whole entries are the documents: NSP needs many documents, and the 79
     entries are few enough for a small model to learn which words belong to which entry instead of
     whether two segments continue each other (sections give ~170 documents of the same text). Many
     entries are also sections of bigger ones ('if' and 'while' inside 'compound'): left in, a
