@@ -163,7 +163,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
         # the step-0 loss is ln(30522) as for every BERT, and the unigram level is reached in ~250
         # steps; experiments/bert_baselines.py prints how far below unigram the run ends. Dropout
         # stays: without it the NSP head never leaves a constant answer on held-out documents.
-        # 24 held-out documents (~14% of the corpus) give 512 distinct eval pairs.
+        # 24 held-out documents (~14% of the corpus) give 512 eval pairs, ~500 of them distinct.
         config.data.update(seq_len=64, max_predictions=10, eval_documents=24)
         config.optim.update(warmup_steps=50)
         config.train.update(batch_size=64, num_steps=500, eval_steps=8, log_every=50)

@@ -102,7 +102,8 @@ def text_to_sentences(text: str) -> list[str]:
 
 
 def _sections(text: str) -> list[str]:
-    """A reference text cut before each heading (a line underlined by a rule)."""
+    """A reference text cut before each line followed by a rule (a heading, or a blank line before a
+    transition rule; sections without prose are dropped later)."""
     sections: list[list[str]] = [[]]
     for line in text.splitlines():
         if _HEADING_RULE.match(line) and len(sections[-1]) > 1:

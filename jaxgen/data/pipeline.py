@@ -37,8 +37,8 @@ from jaxgen.data.corpus import corpus_hash, load_documents, split_documents
 from jaxgen.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "eval")
-# Eval examples (pairs, masks, noise) use this fixed seed, so every evaluation of every run on the
-# same held-out documents sees the same batches.
+# Eval examples (pairs, masks, noise, order) use this fixed seed, so every evaluation of every run
+# on the same held-out documents sees the same batches.
 EVAL_SEED = 0
 _TAGS = {"pairs": 1, "shuffle": 2, "mask": 3, "eval": 4, "noise": 5}
 _ID_KEYS = (

@@ -480,7 +480,7 @@ def _default_sections(family: str, max_len: int) -> ml_collections.ConfigDict:
     """data/optim/train/mesh sections when configs/<family>.py is not available."""
     seq_len = min(128, max_len)
     data = dict(corpus="builtin", tokenizer="wordpiece", vocab_path="", lowercase=family == "bert",
-                seq_len=seq_len, eval_documents=8, cache_dir="")  # fmt: skip
+                seq_len=seq_len, eval_documents=8, split_seed=0, cache_dir="")  # fmt: skip
     if family == "bert":
         data.update(mask_prob=0.15, max_predictions=20, short_seq_prob=0.1, dupe_factor=10,
                     dynamic_masking=True, whole_word_masking=False,

@@ -155,7 +155,7 @@ class DataSource:
             data.corpus, min_documents=2 if family == "bert" else 1
         )
         self.train_docs, self.eval_docs = corpus_lib.split_documents(
-            documents, int(data.eval_documents), int(data.split_seed)
+            documents, int(data.eval_documents), int(data.get("split_seed", 0))
         )
         cache_dir = Path(data.cache_dir) if data.cache_dir else workdir / "cache"
         tokenizer_dir = workdir / "tokenizer"
@@ -393,6 +393,7 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> Non
     if "split_seed" not in old.get("data", {}):
         # Runs saved before data.split_seed existed drew their held-out documents with train.seed.
         old.setdefault("data", {})["split_seed"] = old.get("train", {}).get("seed", 0)
+    new.setdefault("data", {}).setdefault("split_seed", 0)  # DataSource's default
     changes = config_lib.diff(old, new)
     fatal = [c for c in changes if c.startswith(("model.", "data."))]
     if fatal:

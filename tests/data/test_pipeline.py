@@ -212,8 +212,28 @@ def test_eval_pairs_are_distinct_beyond_one_pass(tokenizers, builtin_docs, cache
             pairs.add((tuple(ids), tuple(b["segment_ids"][r])))
     # More distinct pairs than one pass has (small documents may repeat a pair across passes).
     assert len(pairs) > one_pass
-    labels = np.concatenate([b["next_sentence_labels"] for b in batches])
-    assert abs(labels.mean() - 0.5) < 0.1  # a shuffled sample of all documents, not the first ones
+
+
+def test_eval_order_is_shuffled_across_documents(tokenizers, builtin_docs, cache_dir):
+    # Pairs are made document by document; unshuffled, the first eval rows would all come from the
+    # first held-out documents in order, and a short eval would never see the others.
+    held_out = split_documents(builtin_docs, 6, seed=0)[1]
+    corpus = pipeline.tokenize_documents(held_out, tokenizers["bert"])
+    texts = [" " + " ".join(map(str, corpus.tokens(d))) + " " for d in range(corpus.num_documents)]
+    sources = []
+    # One batch: fewer rows than one pass over the documents makes.
+    for batch in make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=1):
+        for r in range(BATCH):
+            ids = batch["input_ids"][r].copy()
+            real = batch["masked_weights"][r] > 0
+            ids[batch["masked_positions"][r][real]] = batch["masked_ids"][r][real]
+            sep = int(np.flatnonzero(ids == tokenizers["bert"].sep_id)[0])
+            segment_a = " " + " ".join(map(str, ids[1:sep])) + " "
+            found = [d for d, text in enumerate(texts) if segment_a in text]
+            if len(found) == 1:
+                sources.append(found[0])
+    assert len(sources) >= 5
+    assert sources != sorted(sources) and len(set(sources)) >= 3
 
 
 def test_token_cache_written_and_reused(tokenizers, builtin_docs, tmp_path):
