@@ -18,30 +18,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
-from jaxgen.config import load_saved_config
-from jaxgen.data import corpus as corpus_lib
+from jaxgen import config as config_lib
 from jaxgen.data import pipeline
-from jaxgen.data.tokenizer import load_tokenizer
+from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
 
 
-def _batches(
-    config: Any, tokenizer: Any, documents: list, split: str, count: int
-) -> list[dict[str, np.ndarray]]:
-    """`count` batches of `split` exactly as the trainer builds them."""
-    iterator = pipeline.build_dataset(
-        config,
-        tokenizer,
-        split,
-        seed=int(config.train.seed),
-        batch_size=int(config.train.batch_size),
-        seq_len=int(config.data.seq_len),
-        num_batches=count if split == "eval" else None,
-        documents=documents,
-        prefetch=0,
-    )
+def _batches(source: loop.DataSource, split: str, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` batches of `split` at the run's last phase, exactly as the trainer builds them."""
+    iterator = source.dataset(split, loop.resolve_phases(source.config)[-1])
     return [next(iterator) for _ in range(count)]
 
 
@@ -84,21 +72,17 @@ def fit_threshold(features: np.ndarray, labels: np.ndarray) -> tuple[float, int]
 
 def baselines(workdir: Path, train_batches: int = 40) -> dict[str, Any]:
     """The baselines of one BERT workdir, beside its last eval row (empty if none yet)."""
-    config = load_saved_config(workdir / "config.json")
+    saved = config_lib.to_dict(config_lib.load_saved_config(workdir / "config.json"))
+    config = ml_collections.ConfigDict(config_lib.with_saved_defaults(saved))
     if config.model.family != "bert":
         raise ValueError(f"{workdir} is a {config.model.family} run; this script reads BERT runs")
-    tokenizer = load_tokenizer(workdir / "tokenizer")
-    documents = corpus_lib.load_documents(config.data.corpus, min_documents=2)
-    train_docs, eval_docs = corpus_lib.split_documents(
-        documents,
-        int(config.data.eval_documents),
-        int(config.data.get("split_seed", config.train.seed)),  # older runs split by train.seed
-    )
-    eval_batches = _batches(config, tokenizer, eval_docs, "eval", int(config.train.eval_steps))
-    train_ids = pipeline.tokenize_documents(train_docs, tokenizer).ids
+    source = loop.DataSource(config, workdir)
+    tokenizer, eval_docs = source.tokenizer, source.eval_docs
+    eval_batches = _batches(source, "eval", int(config.train.eval_steps))
+    train_ids = pipeline.tokenize_documents(source.train_docs, tokenizer).ids
     special = np.asarray(tokenizer.special_ids)
     threshold, sign = fit_threshold(
-        *overlap_feature(_batches(config, tokenizer, train_docs, "train", train_batches), special)
+        *overlap_feature(_batches(source, "train", train_batches), special)
     )
     features, labels = overlap_feature(eval_batches, special)
     evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]

@@ -233,6 +233,16 @@ def load_saved_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(Path(path).read_text()))
 
 
+def with_saved_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict (from `to_dict`) completed with keys added since it was written, set to
+    what that run used."""
+    data = saved.setdefault("data", {})
+    if "split_seed" not in data:
+        # Runs saved before data.split_seed existed drew their held-out documents with train.seed.
+        data["split_seed"] = saved.get("train", {}).get("seed", 0)
+    return saved
+
+
 def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two plain config dicts."""
     changed = []

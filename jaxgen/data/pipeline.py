@@ -450,17 +450,13 @@ def build_dataset(
         raise DataError(f"the {split} split yields no {family} examples of seq_len={seq_len}")
 
     global_batch = batch_size * process_count
-    source = grain.MapDataset.source(records)
-    if split == "train":
-        shuffle_seed = int(np.random.SeedSequence([seed, _TAGS["shuffle"]]).generate_state(1)[0])
-        source = source.shuffle(seed=shuffle_seed)  # each epoch gets its own permutation
-        total = sys.maxsize
-    else:
-        # A fixed order, shuffled once, so any number of eval batches is a uniform sample of the
-        # held-out examples rather than the first documents.
-        shuffle_seed = int(np.random.SeedSequence([EVAL_SEED, _TAGS["eval"]]).generate_state(1)[0])
-        source = source.shuffle(seed=shuffle_seed)
-        total = num_batches or max(1, len(records) // global_batch)
+    # Train: a new permutation each epoch. Eval: one fixed order (it never reaches a second epoch
+    # unless it is longer than the held-out set), so any number of eval batches is a uniform sample
+    # of the held-out examples rather than the first documents.
+    order = [seed, _TAGS["shuffle"]] if split == "train" else [EVAL_SEED, _TAGS["eval"]]
+    shuffle_seed = int(np.random.SeedSequence(order).generate_state(1)[0])
+    source = grain.MapDataset.source(records).shuffle(seed=shuffle_seed)
+    total = sys.maxsize if split == "train" else num_batches or max(1, len(records) // global_batch)
     examples = source.repeat().map_with_index(make)
 
     offset = process_index * batch_size

@@ -388,11 +388,8 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> Non
     saved = workdir / "config.json"
     if not saved.exists() or not (workdir / "checkpoints").exists():
         return
-    old = config_lib.to_dict(config_lib.load_saved_config(saved))
+    old = config_lib.with_saved_defaults(config_lib.to_dict(config_lib.load_saved_config(saved)))
     new = config_lib.to_dict(config)
-    if "split_seed" not in old.get("data", {}):
-        # Runs saved before data.split_seed existed drew their held-out documents with train.seed.
-        old.setdefault("data", {})["split_seed"] = old.get("train", {}).get("seed", 0)
     new.setdefault("data", {}).setdefault("split_seed", 0)  # DataSource's default
     changes = config_lib.diff(old, new)
     fatal = [c for c in changes if c.startswith(("model.", "data."))]

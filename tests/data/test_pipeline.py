@@ -160,6 +160,19 @@ def test_static_masks_repeat_each_epoch_dynamic_do_not(tokenizers, builtin_docs,
     assert first != second
 
 
+def _text(ids) -> str:
+    """Token ids as a space-padded string, so `in` finds whole-token runs."""
+    return " " + " ".join(map(str, ids)) + " "
+
+
+def _unmasked(batch, row: int) -> np.ndarray:
+    """[seq_len] input ids of one BERT example with its masked positions put back."""
+    ids = batch["input_ids"][row].copy()
+    real = batch["masked_weights"][row] > 0
+    ids[batch["masked_positions"][row][real]] = batch["masked_ids"][row][real]
+    return ids
+
+
 def test_eval_is_fixed_finite_and_held_out(tokenizers, builtin_docs, cache_dir):
     a = list(make("bert", tokenizers, builtin_docs, cache_dir, split="eval", seed=1))
     b = list(make("bert", tokenizers, builtin_docs, cache_dir, split="eval", seed=2))
@@ -171,21 +184,16 @@ def test_eval_is_fixed_finite_and_held_out(tokenizers, builtin_docs, cache_dir):
     )
 
     # Every A segment of an eval example is text from a held-out document and from no training one.
-    def text(ids):
-        return " " + " ".join(map(str, ids)) + " "
-
     splits = split_documents(builtin_docs, 6, seed=0)
     train_corpus, eval_corpus = (pipeline.tokenize_documents(d, tokenizers["bert"]) for d in splits)
-    eval_text = [text(eval_corpus.tokens(d)) for d in range(eval_corpus.num_documents)]
-    train_text = [text(train_corpus.tokens(d)) for d in range(train_corpus.num_documents)]
+    eval_text = [_text(eval_corpus.tokens(d)) for d in range(eval_corpus.num_documents)]
+    train_text = [_text(train_corpus.tokens(d)) for d in range(train_corpus.num_documents)]
     checked = 0
     for batch in a:
         for row in range(BATCH):
-            ids = batch["input_ids"][row].copy()
-            real = batch["masked_weights"][row] > 0
-            ids[batch["masked_positions"][row][real]] = batch["masked_ids"][row][real]
+            ids = _unmasked(batch, row)
             sep = int(np.flatnonzero(ids == tokenizers["bert"].sep_id)[0])
-            segment_a = text(ids[1:sep])
+            segment_a = _text(ids[1:sep])
             if sep > 12:
                 assert any(segment_a in t for t in eval_text)
                 assert not any(segment_a in t for t in train_text)
@@ -203,13 +211,9 @@ def test_eval_pairs_are_distinct_beyond_one_pass(tokenizers, builtin_docs, cache
     batches = list(
         make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=rows // BATCH)
     )
-    pairs = set()
-    for b in batches:
-        for r in range(BATCH):
-            ids = b["input_ids"][r].copy()
-            real = b["masked_weights"][r] > 0
-            ids[b["masked_positions"][r][real]] = b["masked_ids"][r][real]  # undo the masking
-            pairs.add((tuple(ids), tuple(b["segment_ids"][r])))
+    pairs = {
+        (tuple(_unmasked(b, r)), tuple(b["segment_ids"][r])) for b in batches for r in range(BATCH)
+    }
     # More distinct pairs than one pass has (small documents may repeat a pair across passes).
     assert len(pairs) > one_pass
 
@@ -219,16 +223,14 @@ def test_eval_order_is_shuffled_across_documents(tokenizers, builtin_docs, cache
     # first held-out documents in order, and a short eval would never see the others.
     held_out = split_documents(builtin_docs, 6, seed=0)[1]
     corpus = pipeline.tokenize_documents(held_out, tokenizers["bert"])
-    texts = [" " + " ".join(map(str, corpus.tokens(d))) + " " for d in range(corpus.num_documents)]
+    texts = [_text(corpus.tokens(d)) for d in range(corpus.num_documents)]
     sources = []
     # One batch: fewer rows than one pass over the documents makes.
     for batch in make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=1):
         for r in range(BATCH):
-            ids = batch["input_ids"][r].copy()
-            real = batch["masked_weights"][r] > 0
-            ids[batch["masked_positions"][r][real]] = batch["masked_ids"][r][real]
+            ids = _unmasked(batch, r)
             sep = int(np.flatnonzero(ids == tokenizers["bert"].sep_id)[0])
-            segment_a = " " + " ".join(map(str, ids[1:sep])) + " "
+            segment_a = _text(ids[1:sep])
             found = [d for d, text in enumerate(texts) if segment_a in text]
             if len(found) == 1:
                 sources.append(found[0])
