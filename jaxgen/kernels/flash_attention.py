@@ -11,9 +11,9 @@ Design (FlashAttention-2, Dao 2023):
   blocks looping over q blocks (dk, dv), and a grid over q blocks looping over kv blocks (dq, the
   dense bias gradient strip by strip, the T5 relative table gradient as per-bucket partial sums).
 - masks (causal, segment ids, key padding), the T5 relative-position bias (bucket function + table)
-  and the dropout keep mask (a counter-based integer hash of seed, batch, head, row, column) are
-  recomputed per block from indices, in the forward and in both backward kernels. Nothing of size
-  T x S reaches HBM unless the caller passes a dense `bias`, which is T x S already.
+  and the dropout keep mask (`jaxgen.kernels.dropout`: a hash of seed, batch, head, row, column)
+  are recomputed per block from indices, in the forward and in both backward kernels. Nothing of
+  size T x S reaches HBM unless the caller passes a dense `bias`, which is T x S already.
 
 The same kernel bodies lower with Mosaic on TPU (`pltpu.CompilerParams`) and with Triton on GPU
 (`plgpu.CompilerParams`); on CPU they run in interpret mode (the HLO interpreter for the GPU
@@ -40,6 +40,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from jaxgen.kernels.dropout import attention_keep_mask as dropout_keep_mask
+from jaxgen.kernels.dropout import keep_bits
+from jaxgen.kernels.dropout import seed_of as dropout_seed
 from jaxgen.kernels.reference import MASK_VALUE, RelativePositionBias, relative_position_bucket
 
 __all__ = ["BACKENDS", "BlockSizes", "dropout_keep_mask", "dropout_seed", "flash_attention"]
@@ -49,8 +52,6 @@ BACKENDS = ("tpu", "gpu")
 _MIN_BLOCK = 16
 # lse of a row with no visible key: exp(s - lse) underflows to 0 for every finite s.
 _EMPTY_ROW_LSE = -MASK_VALUE
-# Dropout compares the top 24 bits of the hash with keep_prob * 2**24 (signed-safe after the shift).
-_DROPOUT_BITS = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,55 +96,6 @@ class _Static:
     block_kv: int
     block_q_bwd: int
     block_kv_bwd: int
-
-
-# --------------------------------------------------------------------------------------------------
-# Dropout: a counter-based hash, identical inside the kernels and in `dropout_keep_mask`.
-
-
-def _to_i32(c: int) -> int:
-    """The int32 with the same bits as uint32 constant `c` (kernels use int32 arithmetic)."""
-    return c - (1 << 32) if c >= (1 << 31) else c
-
-
-def _mix(x: jax.Array) -> jax.Array:
-    """lowbias32 integer finaliser (C. Wellons): a bijection on 32 bits with good avalanche."""
-    x = x ^ lax.shift_right_logical(x, jnp.int32(16))
-    x = x * jnp.int32(_to_i32(0x7FEB352D))
-    x = x ^ lax.shift_right_logical(x, jnp.int32(15))
-    x = x * jnp.int32(_to_i32(0x846CA68B))
-    return x ^ lax.shift_right_logical(x, jnp.int32(16))
-
-
-def _keep(seed: jax.Array, b: jax.Array, h: jax.Array, heads: int, rows, cols, rate: float):
-    """Boolean keep mask for global (row, col) indices of head (b, h): int32 ops only."""
-    stream = _mix(seed ^ _mix((b * heads + h + 1) * jnp.int32(_to_i32(0x9E3779B9))))
-    x = _mix(stream ^ (rows * jnp.int32(_to_i32(0x85EBCA6B))))
-    x = _mix(x ^ (cols * jnp.int32(_to_i32(0xC2B2AE35))))
-    threshold = int(round((1.0 - rate) * (1 << _DROPOUT_BITS)))
-    return lax.shift_right_logical(x, jnp.int32(32 - _DROPOUT_BITS)) < threshold
-
-
-def dropout_seed(seed_or_rng: jax.Array | int) -> jax.Array:
-    """int32 scalar seed from a PRNG key (typed or raw uint32[2]) or an integer."""
-    if isinstance(seed_or_rng, int):
-        return jnp.asarray(_to_i32(seed_or_rng & 0xFFFFFFFF), jnp.int32)
-    x = jnp.asarray(seed_or_rng)
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) or (x.dtype == jnp.uint32 and x.ndim >= 1):
-        x = jax.random.bits(x, (), jnp.uint32)
-    return lax.bitcast_convert_type(x.astype(jnp.uint32), jnp.int32) if x.dtype != jnp.int32 else x
-
-
-def dropout_keep_mask(
-    seed_or_rng: jax.Array | int, batch: int, heads: int, q_len: int, kv_len: int, rate: float
-) -> jax.Array:
-    """The kernel's dropout keep mask `[B, N, T, S]` (True = keep), for tests and the reference."""
-    seed = dropout_seed(seed_or_rng)
-    b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
-    h = jnp.arange(heads, dtype=jnp.int32)[None, :, None, None]
-    rows = jnp.arange(q_len, dtype=jnp.int32)[None, None, :, None]
-    cols = jnp.arange(kv_len, dtype=jnp.int32)[None, None, None, :]
-    return _keep(seed, b, h, heads, rows, cols, rate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +222,7 @@ def _fwd_kernel(*refs, c: _Static, names: list[str]):
         alpha = jnp.exp(m_i - m_new)
         l_new = alpha * l_i + jnp.sum(p, axis=1, keepdims=True)
         if seed is not None:
-            keep = _keep(seed, b, h, c.heads, rows, cols, c.dropout_rate)
+            keep = keep_bits(seed, b * c.heads + h, rows, cols, c.dropout_rate)
             p = jnp.where(keep, p * (1.0 / (1.0 - c.dropout_rate)), 0.0)
         acc = alpha * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l_new
@@ -328,7 +280,7 @@ def _dkv_kernel(*refs, c: _Static, names: list[str]):
         )
         keep = None
         if seed is not None:
-            keep = _keep(seed, b, h, c.heads, rows, cols, c.dropout_rate)
+            keep = keep_bits(seed, b * c.heads + h, rows, cols, c.dropout_rate)
         p_drop, ds = _probs_and_dlogits(c, s, mask, lse, do, v, delta, keep)
         dv = dv + _dot(p_drop.astype(do.dtype), do, trans_a=True)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
@@ -370,7 +322,7 @@ def _dq_kernel(*refs, c: _Static, names: list[str]):
         )
         keep = None
         if seed is not None:
-            keep = _keep(seed, b, h, c.heads, rows, cols, c.dropout_rate)
+            keep = keep_bits(seed, b * c.heads + h, rows, cols, c.dropout_rate)
         _, ds = _probs_and_dlogits(c, s, mask, lse, do, v, delta, keep)
         dq = dq + _dot(ds.astype(k.dtype), k)
         if c.has_bias:

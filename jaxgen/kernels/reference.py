@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxgen.kernels.dropout import attention_keep_mask
+
 # Large but finite so that fully masked rows never produce inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -131,7 +133,8 @@ def attention(
     if dropout_mask is None and dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
-        dropout_mask = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        b, n, t, k = probs.shape  # the flash kernel's mask: one key, one mask, either path
+        dropout_mask = attention_keep_mask(dropout_rng, b, n, t, k, dropout_rate)
     if dropout_mask is not None:
         probs = jnp.where(dropout_mask, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum(

@@ -24,6 +24,7 @@ from flax import linen as nn
 
 from jaxgen.models.layers import (
     Dense,
+    Dropout,
     Embed,
     LayerNorm,
     Mlp,
@@ -63,12 +64,12 @@ class BertBlock(nn.Module):
         )
         # Every query (padding too, as in HF) sees every real key: queries all in segment 1.
         h = attn(x, segment_ids=jnp.ones_like(kv_segment_ids), kv_segment_ids=kv_segment_ids)
-        h = nn.Dropout(cfg.dropout)(h, deterministic=det)
+        h = Dropout(cfg.dropout)(h, deterministic=det)
         x = LayerNorm(cfg.layer_norm_eps, dtype, name="attention_norm")(x + h)
         h = Mlp(
             cfg.d_ff, "gelu", wi_std=std, wo_std=std, deterministic=det, dtype=dtype, name="mlp"
         )(x)
-        h = nn.Dropout(cfg.dropout)(h, deterministic=det)
+        h = Dropout(cfg.dropout)(h, deterministic=det)
         x = LayerNorm(cfg.layer_norm_eps, dtype, name="mlp_norm")(x + h)
         return constrain(x, ACTS)
 
@@ -127,7 +128,7 @@ class Bert(nn.Module):
             )(segment_ids)
         )  # [B, T, D]
         x = LayerNorm(cfg.layer_norm_eps, dtype, name="embed_norm")(x)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACTS)
 
         block_cls = nn.remat(BertBlock) if cfg.remat else BertBlock

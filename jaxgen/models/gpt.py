@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxgen.models.layers import (
+    Dropout,
     Embed,
     LayerNorm,
     Mlp,
@@ -82,7 +83,7 @@ class GptBlock(nn.Module):
         )
         attention_norm = LayerNorm(cfg.layer_norm_eps, dtype, name="attention_norm")
         mlp_norm = LayerNorm(cfg.layer_norm_eps, dtype, name="mlp_norm")
-        dropout = nn.Dropout(cfg.dropout, deterministic=det)
+        dropout = Dropout(cfg.dropout, deterministic=det)
 
         def self_attention(h: jax.Array) -> jax.Array:
             return attn(h, causal=True, segment_ids=segment_ids)
@@ -140,7 +141,7 @@ class Gpt(nn.Module):
             name="position_embed",
         )
         x = token_embed(input_ids) + position_embed(positions)  # [B, T, D]
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACTS)
 
         block_cls = nn.remat(GptBlock) if cfg.remat and not decode else GptBlock

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from jaxgen.kernels import dropout as dropout_lib
 from jaxgen.kernels.attention import RelativePositionBias, attention, relative_position_bucket
 
 # Additive bias for masked logits in explicit masks: exp() of it is exactly 0 in float32, and the
@@ -226,6 +227,25 @@ def _add_vocab_bias_bwd(_: None, grad: jax.Array) -> tuple[jax.Array, jax.Array]
 add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with the counter-based mask of `jaxgen.kernels.dropout` ('dropout' rng).
+
+    Same interface as `flax.linen.Dropout`; the mask is a hash of the layer's key and the element
+    index, far cheaper on CPU than threefry bits (see that module).
+    """
+
+    rate: float
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        """x -> x with each element zeroed with probability `rate`, the rest scaled up."""
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if deterministic or self.rate == 0.0:
+            return x
+        return dropout_lib.dropout(x, self.rate, self.make_rng("dropout"))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm, float32 statistics (centred variance, as PyTorch); `scale`, `bias` `[D]`."""
 
@@ -292,7 +312,7 @@ class Mlp(nn.Module):
 
         h = act(wi("wi_0")) * wi("wi_1") if self.gated else act(wi("wi"))
         h = constrain(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(self.inner_dropout)(h, deterministic=self.deterministic)
+        h = Dropout(self.inner_dropout)(h, deterministic=self.deterministic)
         out = Dense(
             (d_model,),
             ("mlp", "embed"),

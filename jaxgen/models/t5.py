@@ -40,6 +40,7 @@ from flax import linen as nn
 from jaxgen.kernels.attention import RelativePositionBias
 from jaxgen.models.layers import (
     Dense,
+    Dropout,
     Embed,
     Mlp,
     ModelConfig,
@@ -100,7 +101,7 @@ class T5Block(nn.Module):
             cfg.relative_attention_max_distance,
         )
         eps = cfg.layer_norm_eps
-        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        dropout = Dropout(cfg.dropout, deterministic=self.deterministic)
         # Queries are all in segment 1 so that (as in HF) only padding keys are hidden.
         queries = None if mask is None else jnp.ones_like(mask)
         h = RMSNorm(eps, dtype, name="self_attention_norm")(x)
@@ -167,13 +168,13 @@ class T5Stack(nn.Module):
         )
         num_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
         block_cls = nn.remat(T5Block) if cfg.remat and not decode else T5Block
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACTS)
         for i in range(num_layers):
             block = block_cls(cfg, self.is_decoder, deterministic, decode, name=f"layers_{i}")
             x = block(x, mask, relative_bias.table, encoded, encoder_mask)
         x = RMSNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="final_norm")(x)
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
 def _check_mask(name: str, mask: jax.Array | None, ids: jax.Array) -> jax.Array | None:

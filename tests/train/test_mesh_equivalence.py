@@ -2,8 +2,9 @@
 
 Each case builds the state with `step.create_train_state` and the jitted `step.build_train_step`
 on a (data, fsdp, tensor) mesh of the first n of the 8 simulated CPU devices, and feeds the same
-fixed synthetic batches. Dropout keys come from the step (`TrainState.step_key`) and threefry
-random bits do not depend on how an array is sharded, so the loss must not depend on the mesh.
+fixed synthetic batches. Dropout keys come from the step (`TrainState.step_key`) and a keep bit is
+a hash of the key and the element's global index (`jaxgen.kernels.dropout`), whatever the sharding,
+so the loss must not depend on the mesh.
 """
 
 from __future__ import annotations
