@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from jaxgen.kernels.attention import relative_position_bucket
 from jaxgen.models import ModelConfig, build
-from jaxgen.models.layers import LayerNorm, MultiHeadAttention, RMSNorm
+from jaxgen.models.layers import LayerNorm, MultiHeadAttention, RMSNorm, layer_norm, rms_norm
 from tests.models.tiny import COMMON, F32_ATOL, model
 
 LOGICAL_NAMES = {
@@ -86,6 +86,35 @@ def test_norms_match_numpy():
     y = RMSNorm(1e-6).apply({"params": {"scale": np.full(8, 2.0)}}, x)
     want = 2 * x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(y, want, atol=F32_ATOL)
+
+
+def test_norm_gradients_match_autodiff_of_the_formula():
+    """The hand-written norm backward passes equal autodiff of the plain expressions, in float64."""
+
+    def plain_layer_norm(x, scale, bias):
+        mean = jnp.mean(x, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+    def plain_rms_norm(x, scale):
+        return x / jnp.sqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6) * scale
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 16)) * 3 + 1
+    scale, bias, probe = rng.normal(size=16), rng.normal(size=16), rng.normal(size=(2, 5, 16))
+    with jax.enable_x64():
+        x, scale, bias, probe = (jnp.asarray(a, jnp.float64) for a in (x, scale, bias, probe))
+        cases = [
+            (lambda *a: layer_norm(*a, 1e-5), plain_layer_norm, (x, scale, bias)),
+            (lambda *a: rms_norm(*a, 1e-6), plain_rms_norm, (x, scale)),
+        ]
+        for ours, plain, args in cases:
+            argnums = tuple(range(len(args)))
+            got = jax.grad(lambda *a, f=ours: jnp.sum(f(*a) * probe), argnums)(*args)
+            want = jax.grad(lambda *a, f=plain: jnp.sum(f(*a) * probe), argnums)(*args)
+            np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-12)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
 
 
 def test_local_window_hides_distant_keys():
