@@ -116,7 +116,11 @@ def attention(
     kv_len = k.shape[1]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    # Heads-major operands: XLA:CPU runs the two batched products of [B, N, T, H] arrays ~20%
+    # faster (forward and backward) than the same einsums over [B, T, N, H] with implicit
+    # transposes.
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, N, len, H]
+    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if relative_bias is not None:
@@ -133,11 +137,11 @@ def attention(
     if dropout_mask is None and dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
-        b, n, t, k = probs.shape  # the flash kernel's mask: one key, one mask, either path
-        dropout_mask = attention_keep_mask(dropout_rng, b, n, t, k, dropout_rate)
+        b, n, t, s = probs.shape  # the flash kernel's mask: one key, one mask, either path
+        dropout_mask = attention_keep_mask(dropout_rng, b, n, t, s, dropout_rate)
     if dropout_mask is not None:
         probs = jnp.where(dropout_mask, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum(
-        "bnts,bsnh->btnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+        "bnts,bnsh->bnth", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32
     )
-    return out.astype(q.dtype)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
