@@ -10,6 +10,10 @@ model of the same size with AdamW when `torch` and `transformers` are installed,
 pipeline alone (raw text to device-ready batches). The last line per family reads
 `RESULT family=<f> tokens_per_sec=<n> peer_tokens_per_sec=<n|none> ratio=<x|none> mfu=<fraction>`.
 
+Like the `jaxgen` command, the script first re-executes itself with glibc malloc on transparent
+huge pages (`jaxgen.host`; `JAXGEN_HOST_HUGEPAGES=0` turns it off); the PyTorch peer runs in the
+same process, so both frameworks are measured with the same allocator.
+
 Model FLOPs (stated so they can be checked): 6 x (matmul parameters) x (tokens they process) for
 forward and backward, plus 12 x layers x (heads x head_dim) x (key length) per query token for
 attention, counted in full for causal attention (not halved). BERT's MLM head (dense + vocabulary
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import config as config_lib
-from jaxgen import models, objectives, parallel
+from jaxgen import host, models, objectives, parallel
 from jaxgen.objectives import span_corruption
 from jaxgen.train import optim
 from jaxgen.train import step as step_lib
@@ -282,6 +286,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--pipeline-batches", type=int, default=50)
     args = parser.parse_args()
+    host.reexec_with_hugepages()  # as the `jaxgen` command does; the peer shares this process
 
     device = jax.devices()[0]
     measured = matmul_flops_per_sec()
@@ -290,6 +295,8 @@ def main() -> None:
         f"device: {device.device_kind} x{jax.device_count()}  "
         f"matmul f32: {measured / 1e9:.0f} GFLOP/s"
     )
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    print(f"host malloc: GLIBC_TUNABLES={tunables or '(unset)'}, huge pages: {host.thp_mode()}")
     results = []
     for spec in args.config or DEFAULT_CONFIGS:
         config = config_lib.load_config(spec)

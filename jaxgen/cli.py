@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from jaxgen import host
+
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-host (automatic on TPU slices and under SLURM)")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `jaxgen` console script."""
+    if argv is None:  # a real process start (tests call main(argv) in-process)
+        host.reexec_with_hugepages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
