@@ -74,8 +74,8 @@ def reexec_with_hugepages() -> None:
     Returns without doing anything when `hugepages_wanted` says no for this process. Call it
     before doing any work: nothing of this process survives the exec, only its PID.
     """
-    if not hugepages_wanted(os.environ, glibc_version(), thp_mode()):
-        return
+    if not sys.executable or not hugepages_wanted(os.environ, glibc_version(), thp_mode()):
+        return  # no interpreter path to exec (embedded Python), or nothing to gain
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), TUNABLE) if t)
     sys.stdout.flush()
