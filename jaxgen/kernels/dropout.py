@@ -47,7 +47,9 @@ def mix(x: jax.Array) -> jax.Array:
     return x ^ lax.shift_right_logical(x, jnp.int32(16))
 
 
-def keep_bits(seed: jax.Array, stream: jax.Array, rows: jax.Array, cols: jax.Array, rate: float):
+def keep_bits(
+    seed: jax.Array, stream: jax.Array, rows: jax.Array, cols: jax.Array, rate: float
+) -> jax.Array:
     """Boolean keep mask (True = keep, probability 1 - rate) for int32 index arrays: int32 ops only.
 
     `stream` separates independent masks under one seed (the kernel uses batch x heads + head);
