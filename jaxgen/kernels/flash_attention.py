@@ -40,12 +40,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgen.kernels.dropout import attention_keep_mask as dropout_keep_mask
-from jaxgen.kernels.dropout import keep_bits
-from jaxgen.kernels.dropout import seed_of as dropout_seed
+from jaxgen.kernels.dropout import keep_bits, seed_of
 from jaxgen.kernels.reference import MASK_VALUE, RelativePositionBias, relative_position_bucket
 
-__all__ = ["BACKENDS", "BlockSizes", "dropout_keep_mask", "dropout_seed", "flash_attention"]
+__all__ = ["BACKENDS", "BlockSizes", "flash_attention"]
 
 BACKENDS = ("tpu", "gpu")
 # Smallest block: Triton's dot needs every dimension >= 16, Mosaic wants sublane multiples of 8.
@@ -613,10 +611,10 @@ def flash_attention(
 
     Same semantics as `reference.attention`: segment ids `[B, T]` / `[B, S]` (0 = padding; both or
     neither), additive `bias` `[B|1, N, T, S]`, T5 `relative_bias` computed in the kernel, dropout
-    from `dropout_rng` (a PRNG key or int seed; mask = `dropout_keep_mask`). `backend` 'tpu'
-    (Mosaic) or 'gpu' (Triton) picks the kernel flavour (default: the platform's; the GPU flavour
-    on CPU); `interpret` defaults to True on CPU. Differentiable in q, k, v, bias and the relative
-    table.
+    from `dropout_rng` (a PRNG key or int seed; mask: `dropout.attention_keep_mask`). `backend`
+    'tpu' (Mosaic) or 'gpu' (Triton) picks the kernel flavour (default: the platform's; the GPU
+    flavour on CPU); `interpret` defaults to True on CPU. Differentiable in q, k, v, bias and the
+    relative table.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, len, N, H]; got {q.shape=} {k.shape=} {v.shape=}")
@@ -687,7 +685,7 @@ def flash_attention(
         table = jnp.pad(rel.table.astype(jnp.float32).T, ((0, 0), (0, nb_pad - rel.num_buckets)))
         table = table[:, None, :]  # [N, 1, nb_pad]
     if dropout_rate > 0.0:
-        seed = dropout_seed(dropout_rng).reshape(1, 1)
+        seed = seed_of(dropout_rng).reshape(1, 1)
     c = _Static(
         backend=backend,
         interpret=bool(interpret),

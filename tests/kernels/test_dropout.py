@@ -27,6 +27,21 @@ def test_keep_fraction_matches_rate(rate):
     assert _sigmas(mask.mean(), 1 - rate, mask.size) < 5
 
 
+def test_attention_mask_differs_across_seeds_batches_and_heads():
+    """The attention keep mask keeps ~(1 - rate) of entries and differs across seeds, batches and
+    heads."""
+    rate = 0.1
+    mask = np.asarray(dropout.attention_keep_mask(jax.random.key(0), 2, 3, 128, 256, rate))
+    assert _sigmas(mask.mean(), 1 - rate, mask.size) < 5
+    assert not np.array_equal(mask[0, 0], mask[1, 0])
+    assert not np.array_equal(mask[0, 0], mask[0, 1])
+    other = np.asarray(dropout.attention_keep_mask(jax.random.key(1), 2, 3, 128, 256, rate))
+    assert 0.1 < np.mean(mask != other) < 0.3  # independent masks disagree on ~2 * 0.1 * 0.9
+    np.testing.assert_array_equal(
+        mask, dropout.attention_keep_mask(jax.random.key(0), 2, 3, 128, 256, rate)
+    )
+
+
 def test_neighbours_and_seeds_are_independent():
     """Adjacent columns, adjacent rows and two keys give keep bits that look independent."""
     rate, shape = 0.5, (512, 512)

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxgen.kernels import dropout, reference
 from jaxgen.kernels import flash_attention as fa
-from jaxgen.kernels import reference
 
 # (atol, rtol) on max |kernel - reference| relative to max |reference|, from each dtype's epsilon:
 # float32 allows ~1000 eps of reordered accumulation over up to 513 keys; bfloat16 allows ~8 eps
@@ -258,10 +258,10 @@ DROPOUT_CASE = dict(causal=True, segments=True, bias="relative", cross=False, le
 
 
 def test_dropout_matches_reference_given_kernel_mask():
-    """With dropout, the kernel equals the reference fed `dropout_keep_mask` (output and grads)."""
+    """With dropout, the kernel equals the reference fed the same keep mask (output and grads)."""
     x = _inputs(DROPOUT_CASE, batch=2, heads=2, seed=3)
     rate, rng = 0.25, jax.random.key(7)
-    mask = fa.dropout_keep_mask(rng, 2, 2, 40, 40, rate)
+    mask = dropout.attention_keep_mask(rng, 2, 2, 40, 40, rate)
     kernel = functools.partial(fa.flash_attention, dropout_rate=rate, dropout_rng=rng)
     oracle = functools.partial(reference.attention, dropout_rate=rate, dropout_mask=mask)
     out, grads = _run(kernel, x)
@@ -286,21 +286,6 @@ def test_dropout_mask_does_not_depend_on_block_sizes():
     big, small = run(None), run(fa.BlockSizes(16, 16, 16, 16))
     # Only the summation order differs; a different mask would change outputs at O(1).
     np.testing.assert_allclose(big, small, atol=1e-5)
-
-
-def test_dropout_keep_mask_statistics():
-    """The keep mask keeps ~(1 - rate) of entries and differs across seeds, batches and heads."""
-    rate = 0.1
-    mask = np.asarray(fa.dropout_keep_mask(jax.random.key(0), 2, 3, 128, 256, rate))
-    n = mask.size
-    assert abs(mask.mean() - (1 - rate)) < 5 * math.sqrt(rate * (1 - rate) / n)
-    assert not np.array_equal(mask[0, 0], mask[1, 0])
-    assert not np.array_equal(mask[0, 0], mask[0, 1])
-    other = np.asarray(fa.dropout_keep_mask(jax.random.key(1), 2, 3, 128, 256, rate))
-    assert 0.1 < np.mean(mask != other) < 0.3  # independent masks disagree on ~2 * 0.1 * 0.9
-    np.testing.assert_array_equal(
-        mask, fa.dropout_keep_mask(jax.random.key(0), 2, 3, 128, 256, rate)
-    )
 
 
 def test_dropout_expectation_matches_no_dropout():
