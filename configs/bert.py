@@ -23,7 +23,14 @@ show configs/bert.py:large` prints the per-device estimate (float32 params, grad
 state sharded by the mesh, plus activations of one micro-batch at the longest phase).
 """
 
+from pathlib import Path
+
 import ml_collections
+
+from jaxgen.config import load_python_file
+
+common = load_python_file(Path(__file__).with_name("common.py"))
+
 
 PAPER = "Devlin et al. 2018, BERT: Pre-training of Deep Bidirectional Transformers"
 BERT_VOCAB = 30_522  # uncased WordPiece vocabulary of the released checkpoints
@@ -65,19 +72,16 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     num_layers, d_model, num_heads, published, hardware, mesh = ROWS[arg]
     smoke = arg == "smoke"
     paper = arg not in ("smoke", "mini")
-
-    config = ml_collections.ConfigDict()
-    config.name = f"configs/bert.py:{arg}"
-    config.paper = PAPER
-    config.published_params = published  # 0 = no published count
-    config.released_params = (
-        0  # only set where a released checkpoint differs from the paper's count
-    )
-    config.hardware = hardware
-
-    config.model = ml_collections.ConfigDict(
-        dict(
-            family="bert",
+    cpu = hardware == "cpu"
+    config = common.config(
+        meta=common.meta(
+            name=f"configs/bert.py:{arg}",
+            paper=PAPER,
+            published_params=published,
+            hardware=hardware,
+        ),  # fmt: skip
+        model=common.model(
+            "bert",
             vocab_size=BERT_VOCAB,
             num_layers=num_layers,
             d_model=d_model,
@@ -88,17 +92,15 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             dropout=0.1,
             attention_dropout=0.1,
             # Parameters are always float32; activations in bfloat16 on accelerators.
-            dtype="float32" if hardware == "cpu" else "bfloat16",
-            attention="xla" if hardware == "cpu" else "auto",
+            dtype="float32" if cpu else "bfloat16",
+            attention="xla" if cpu else "auto",
             remat=False,
             layer_norm_eps=1e-12,
             init_std=0.02,
             type_vocab_size=2,
-        )
-    )
-
-    config.data = ml_collections.ConfigDict(
-        dict(
+        ),
+        data=common.data(
+            "bert",
             corpus="builtin",
             tokenizer="wordpiece",
             vocab_path="",  # '' = train a WordPiece vocabulary of model.vocab_size on the corpus
@@ -107,7 +109,6 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             seq_len=512 if paper else 128,
             eval_documents=8,
             split_seed=0,  # picks the held-out documents; train.seed does not move them
-            cache_dir="",
             mask_prob=0.15,
             max_predictions=80 if paper else 20,
             short_seq_prob=0.1,
@@ -115,12 +116,9 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             dynamic_masking=smoke,  # the paper masked statically; smoke re-masks every epoch
             whole_word_masking=False,
             random_next_prob=0.5,
-        )
-    )
-
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
+        ),
+        optim=common.optim(
+            "adamw",
             learning_rate=1e-3 if smoke else 1e-4,
             schedule="linear",
             warmup_steps=60 if smoke else 10_000,
@@ -131,30 +129,19 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             b2=0.999,
             eps=1e-6,  # google-research/bert's AdamWeightDecayOptimizer
             clip_norm=1.0,
-        )
-    )
-
-    config.train = ml_collections.ConfigDict(
-        dict(
-            batch_size=32 if hardware == "cpu" else 256,
+        ),
+        train=common.train(
+            batch_size=32 if cpu else 256,
             num_steps=600 if smoke else 1_000_000,
             grad_accum=1,
             eval_every=100 if smoke else 10_000,
             eval_steps=4 if smoke else 100,
             log_every=20 if smoke else 100,
             checkpoint_every=200 if smoke else 10_000,
-            max_to_keep=3,
-            keep_best=False,
             seed=0,
-            phases=[dict(p) for p in PAPER_PHASES] if paper else [],
-            skip_nonfinite_or_spike=False,
-            z_loss=0.0,
-            init_from="",
-        )
-    )
-
-    config.mesh = ml_collections.ConfigDict(
-        dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
+            phases=PAPER_PHASES if paper else [],
+        ),
+        mesh=common.mesh(*mesh),
     )
     if smoke:
         # Tuned to learn in under 5 minutes on 2 CPU cores. 64-token sequences in batches of 64 keep

@@ -26,8 +26,13 @@ tokens). Values the papers do not state are marked "not published" below: they a
 """
 
 import math
+from pathlib import Path
 
 import ml_collections
+
+from jaxgen.config import load_python_file
+
+common = load_python_file(Path(__file__).with_name("common.py"))
 
 SEQ_GPT3 = 2048
 # row: (num_layers, d_model, num_heads, head_dim, batch (sequences), lr, published, ramp tokens)
@@ -104,17 +109,10 @@ def list_rows() -> list[str]:
 
 def _base(arg: str) -> ml_collections.ConfigDict:
     """Every key of the schema, with the smoke row's values; rows overwrite what differs."""
-    config = ml_collections.ConfigDict()
-    config.name = f"configs/gpt.py:{arg}"
-    config.paper = ""
-    config.published_params = 0  # 0 = no published count
-    config.released_params = 0  # the released checkpoint's count where it differs from the paper's
-    # The head count the paper prints where the row has to differ from it (0 = the row matches).
-    config.printed_num_heads = 0
-    config.hardware = "cpu"
-    config.model = ml_collections.ConfigDict(
-        dict(
-            family="gpt",
+    return common.config(
+        meta=common.meta(name=f"configs/gpt.py:{arg}", hardware="cpu"),
+        model=common.model(
+            "gpt",
             # The built-in corpus has ~60k tokens: a 512-token byte-level BPE (256 bytes + 256
             # merges, close to nanoGPT's character-level smoke run) sees every row often.
             # Held-out loss after 200 steps (entries as documents): 40% below step 0 with 512
@@ -135,11 +133,10 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             init_std=0.02,
             norm_position="pre",
             sparse_attention="none",
-            local_window=256,  # used only when sparse_attention='alternating'
-        )
-    )
-    config.data = ml_collections.ConfigDict(
-        dict(
+            local_window=256,  # the band of sparse_attention='alternating'
+        ),
+        data=common.data(
+            "gpt",
             corpus="builtin",
             tokenizer="bpe",
             vocab_path="",  # '' = train a byte-level BPE of model.vocab_size on the corpus
@@ -147,15 +144,12 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             seq_len=128,
             eval_documents=16,  # ~10% of the built-in corpus's 168 sections
             split_seed=0,  # picks the held-out documents; train.seed does not move them
-            cache_dir="",
             # GPT-2/3 pack documents separated by <|endoftext|> with no attention masking between
             # them.
             separate_documents=False,
-        )
-    )
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
+        ),
+        optim=common.optim(
+            "adamw",
             learning_rate=1e-3,
             schedule="linear",
             warmup_steps=60,
@@ -166,10 +160,8 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             b2=0.999,
             eps=1e-8,
             clip_norm=1.0,
-        )
-    )
-    config.train = ml_collections.ConfigDict(
-        dict(
+        ),
+        train=common.train(
             batch_size=32,
             num_steps=400,
             grad_accum=1,
@@ -177,27 +169,20 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             eval_steps=4,
             log_every=20,
             checkpoint_every=200,
-            max_to_keep=3,
-            keep_best=False,
             seed=0,
-            phases=[],
-            skip_nonfinite_or_spike=False,
-            z_loss=0.0,
-            init_from="",
             # GPT-3's batch ramp: the global batch grows linearly from batch_ramp_start_tokens to
             # batch_size * seq_len over the first batch_ramp_tokens tokens (0 = no ramp).
             batch_ramp_tokens=0,
             batch_ramp_start_tokens=0,
-        )
+        ),
+        mesh=common.mesh(-1, 1, 1),
     )
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    return config
 
 
 def _paper_scale(config: ml_collections.ConfigDict, arg: str) -> None:
     """Settings shared by every published row: TPU hardware, bf16, longer logging intervals."""
     hardware, mesh, grad_accum, remat = HARDWARE[arg]
-    config.hardware = hardware
+    config.meta.hardware = hardware
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
     config.train.grad_accum = grad_accum
     config.model.remat = remat
@@ -215,13 +200,13 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
 
     if arg == "mini":
         model.update(num_layers=4, d_model=256, num_heads=4, d_ff=1024, vocab_size=50_257)
-        config.paper = "CPU benchmark row (GPT-2 vocabulary)"
+        config.meta.paper = "CPU benchmark row (GPT-2 vocabulary)"
 
     elif arg == "gpt1":
-        config.paper = (
+        config.meta.paper = (
             "Radford et al. 2018, Improving Language Understanding by Generative Pre-Training"
         )
-        config.published_params = 117_000_000
+        config.meta.published_params = 117_000_000
         _paper_scale(config, arg)
         model.update(num_layers=12, d_model=768, num_heads=12, d_ff=3072, max_len=512)
         model.update(vocab_size=40_478, norm_position="post")
@@ -239,8 +224,10 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
 
     elif arg in GPT2:
         num_layers, d_model, num_heads, published, released, lr = GPT2[arg]
-        config.paper = "Radford et al. 2019, Language Models are Unsupervised Multitask Learners"
-        config.published_params, config.released_params = published, released
+        config.meta.paper = (
+            "Radford et al. 2019, Language Models are Unsupervised Multitask Learners"
+        )
+        config.meta.published_params, config.meta.released_params = published, released
         _paper_scale(config, arg)
         model.update(num_layers=num_layers, d_model=d_model, num_heads=num_heads, head_dim=64)
         model.update(d_ff=4 * d_model, max_len=1024, vocab_size=50_257, norm_position="pre")
@@ -251,12 +238,12 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
 
     elif arg in GPT3:
         num_layers, d_model, num_heads, head_dim, batch, lr, published, ramp = GPT3[arg]
-        config.paper = "Brown et al. 2020, Language Models are Few-Shot Learners (Table 2.1)"
-        config.published_params = published
+        config.meta.paper = "Brown et al. 2020, Language Models are Few-Shot Learners (Table 2.1)"
+        config.meta.published_params = published
         _paper_scale(config, arg)
         model.update(num_layers=num_layers, d_model=d_model, num_heads=num_heads, head_dim=head_dim)
         if arg == "gpt3-1.3b":
-            config.printed_num_heads = GPT3_1_3B_PRINTED_HEADS
+            config.meta.printed_num_heads = GPT3_1_3B_PRINTED_HEADS
         model.update(d_ff=4 * d_model, max_len=SEQ_GPT3, vocab_size=50_257, norm_position="pre")
         # Not published: dropout (0, as is usual at this scale) and the band width (256 tokens).
         model.update(dropout=0.0, attention_dropout=0.0, sparse_attention="alternating")
@@ -275,5 +262,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             clip_norm=1.0,
         )
         train.update(batch_size=batch, num_steps=math.ceil(GPT3_TOTAL_TOKENS / tokens_per_batch))
-        train.update(batch_ramp_tokens=ramp, batch_ramp_start_tokens=GPT3_RAMP_START_TOKENS)
+        # Not published: how smoothly the batch grows; 8 stages compile 8 step shapes.
+        train.update(batch_ramp_tokens=ramp, batch_ramp_start_tokens=GPT3_RAMP_START_TOKENS,
+                     batch_ramp_stages=8)  # fmt: skip
     return config

@@ -29,7 +29,13 @@ released checkpoint (`released_params`, the HuggingFace tensor count) to < 0.01%
 published counts, only its checkpoints'.
 """
 
+from pathlib import Path
+
 import ml_collections
+
+from jaxgen.config import load_python_file
+
+common = load_python_file(Path(__file__).with_name("common.py"))
 
 PAPER = (
     "Raffel et al. 2019, Exploring the Limits of Transfer Learning with a Unified Text-to-Text "
@@ -91,16 +97,10 @@ def list_rows() -> list[str]:
 
 def _base(arg: str) -> ml_collections.ConfigDict:
     """Every key of the schema, with the smoke row's values; rows overwrite what differs."""
-    config = ml_collections.ConfigDict()
-    config.name = f"configs/t5.py:{arg}"
-    config.paper = ""
-    config.recipe = "baseline"
-    config.published_params = 0  # 0 = no published count
-    config.released_params = 0  # the released checkpoint's count
-    config.hardware = "cpu"
-    config.model = ml_collections.ConfigDict(
-        dict(
-            family="t5",
+    return common.config(
+        meta=common.meta(name=f"configs/t5.py:{arg}", recipe="baseline", hardware="cpu"),
+        model=common.model(
+            "t5",
             # The built-in corpus has ~60k tokens: 924 SentencePiece pieces + 100 sentinels are
             # each seen often. Held-out loss after 200 steps (entries as documents): 40% below
             # step 0 with 1024 rows, 37% with 4096 (most rows rare; that run without dropout).
@@ -111,22 +111,20 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             num_heads=2,
             head_dim=64,
             d_ff=512,
-            max_len=128,  # no absolute positions in T5: the longest encoder input this row expects
+            max_len=128,  # no absolute positions in T5: the longest encoder input (data.seq_len)
             dropout=0.1,
             attention_dropout=0.1,
             dtype="float32",  # compute dtype; parameters are always float32
             attention="xla",
             remat=False,
             layer_norm_eps=1e-6,
-            init_std=1.0,  # unused: T5 initialises by fan-in (Mesh-TF convention, see models/t5.py)
             relative_attention_num_buckets=32,
             relative_attention_max_distance=128,
             feed_forward="relu",
             tie_embeddings=True,
-        )
-    )
-    config.data = ml_collections.ConfigDict(
-        dict(
+        ),
+        data=common.data(
+            "t5",
             corpus="builtin",
             tokenizer="sentencepiece",
             vocab_path="",  # '' = train a SentencePiece model (sentinels included)
@@ -134,14 +132,11 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             seq_len=128,  # encoder length; the decoder length follows (T5's random_spans_helper)
             eval_documents=16,  # ~10% of the built-in corpus's 168 sections
             split_seed=0,  # picks the held-out documents; train.seed does not move them
-            cache_dir="",
             noise_density=0.15,
             mean_noise_span_length=3.0,
-        )
-    )
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
+        ),
+        optim=common.optim(
+            "adamw",
             learning_rate=1e-3,
             schedule="linear",
             warmup_steps=60,
@@ -152,10 +147,8 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             b2=0.999,
             eps=1e-8,
             clip_norm=1.0,
-        )
-    )
-    config.train = ml_collections.ConfigDict(
-        dict(
+        ),
+        train=common.train(
             batch_size=32,
             num_steps=400,
             grad_accum=1,
@@ -163,17 +156,10 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             eval_steps=4,
             log_every=20,
             checkpoint_every=200,
-            max_to_keep=3,
-            keep_best=False,
             seed=0,
-            phases=[],
-            skip_nonfinite_or_spike=False,
-            z_loss=0.0,
-            init_from="",
-        )
+        ),
+        mesh=common.mesh(-1, 1, 1),
     )
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    return config
 
 
 def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
@@ -195,18 +181,18 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     if row == "mini":
         model.update(num_layers=4, num_decoder_layers=4, d_model=256, num_heads=4, d_ff=1024)
         model.vocab_size = T5_VOCAB
-        config.paper = "CPU benchmark row (T5 vocabulary)"
+        config.meta.paper = "CPU benchmark row (T5 vocabulary)"
         return config
     if row == "smoke":
         return config
 
     v11 = row in V11
     num_layers, d_model, num_heads, head_dim, d_ff, published, released = (V11 if v11 else V10)[row]
-    config.paper = (
+    config.meta.paper = (
         "T5.1.1 release (google-research/text-to-text-transfer-transformer)" if v11 else PAPER
     )
-    config.recipe = recipe
-    config.published_params, config.released_params = published, released
+    config.meta.recipe = recipe
+    config.meta.published_params, config.meta.released_params = published, released
     model.update(num_layers=num_layers, num_decoder_layers=num_layers, d_model=d_model)
     model.update(
         num_heads=num_heads, head_dim=head_dim, d_ff=d_ff, vocab_size=T5_VOCAB, max_len=512
@@ -214,15 +200,31 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     model.update(dropout=0.0, attention_dropout=0.0, dtype="bfloat16", attention="auto")
     model.update(feed_forward="gated-gelu" if v11 else "relu", tie_embeddings=not v11)
     config.data.seq_len = 512
-    # Adafactor (no momentum, decay 0.8, update clipping 1.0 instead of gradient clipping), lr
-    # 0.01 / sqrt(max(step, 10^4)) * sqrt(10^4) = 1 / sqrt(max(step, 10^4)); no weight decay.
-    # b1 = 0 (no first moment) and b2 = 0.8 (Adafactor's decay rate) record T5's settings.
-    config.optim.update(name="adafactor", learning_rate=0.01, schedule="rsqrt", warmup_steps=10_000)
-    config.optim.update(weight_decay=0.0, b1=0.0, b2=0.8, eps=1e-30, clip_norm=0.0)
+    # Adafactor with factored second moments, no momentum, decay rate 0.8, epsilon 1e-30 and update
+    # clipping 1.0 instead of gradient clipping; lr 0.01 / sqrt(max(step, 10^4)) * sqrt(10^4) =
+    # 1 / sqrt(max(step, 10^4)) from the schedule (Adafactor's relative step is not used); no
+    # weight decay.
+    config.optim = common.optim(
+        "adafactor",
+        learning_rate=0.01,
+        schedule="rsqrt",
+        warmup_steps=10_000,
+        decay_steps=0,
+        final_lr_fraction=0.0,
+        weight_decay=0.0,
+        clip_norm=0.0,
+        decay_rate=0.8,
+        epsilon=1e-30,
+        clipping_threshold=1.0,
+        factored=True,
+        min_dim_size_to_factor=128,
+        momentum=0.0,
+        multiply_by_parameter_scale=True,
+    )
 
     batch, steps = RECIPES[recipe]
     hardware, mesh, grad_accum, remat = HARDWARE[SIZE_OF[row]][recipe]
-    config.hardware = hardware
+    config.meta.hardware = hardware
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
     model.remat = remat
     config.train.update(batch_size=batch, num_steps=steps, grad_accum=grad_accum)

@@ -37,7 +37,6 @@ import numpy as np
 
 from jaxgen import config as config_lib
 from jaxgen import host, models, objectives, parallel
-from jaxgen.objectives import span_corruption
 from jaxgen.train import optim
 from jaxgen.train import step as step_lib
 
@@ -77,46 +76,13 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 10) -> float:
 
 def decoder_length(config: Any) -> int:
     """T5 target length for the config's encoder length (T5's random_spans_helper)."""
-    return span_corruption.input_and_target_lengths(
-        config.data.seq_len, config.data.noise_density, config.data.mean_noise_span_length
-    )[1]
+    return objectives.get("t5").sequence_lengths(config.data)["targets"]
 
 
 def synthetic_batch(config: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A batch with the real keys and shapes of the config's objective, random ids."""
-    b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    ids = lambda *shape: rng.integers(5, v, shape).astype(np.int32)
-    family = config.model.family
-    if family == "bert":
-        p = config.data.max_predictions
-        choices = [rng.choice(np.arange(1, t), p, replace=False) for _ in range(b)]
-        positions = np.sort(np.stack(choices))  # [B, P], never [CLS]
-        return dict(
-            input_ids=ids(b, t),
-            segment_ids=(np.arange(t)[None] >= t // 2).astype(np.int32).repeat(b, 0),
-            attention_mask=np.ones((b, t), np.int32),
-            masked_positions=positions.astype(np.int32),
-            masked_ids=ids(b, p),
-            masked_weights=np.ones((b, p), np.float32),
-            next_sentence_labels=rng.integers(0, 2, (b,)).astype(np.int32),
-        )
-    if family == "gpt":
-        return dict(
-            input_ids=ids(b, t),
-            target_ids=ids(b, t),
-            positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-            segment_ids=np.ones((b, t), np.int32),
-            weights=np.ones((b, t), np.float32),
-        )
-    d = decoder_length(config)
-    return dict(
-        encoder_input_ids=ids(b, t),
-        decoder_input_ids=ids(b, d),
-        decoder_target_ids=ids(b, d),
-        encoder_mask=np.ones((b, t), np.int32),
-        decoder_mask=np.ones((b, d), np.int32),
-        decoder_weights=np.ones((b, d), np.float32),
-    )
+    """A batch with the real keys and shapes of the config's objective (its synthetic_batch)."""
+    objective = objectives.get(config.family)
+    return objective.synthetic_batch(config.model, config.data, config.train.batch_size, rng)
 
 
 def model_flops_per_step(config: Any) -> float:
@@ -171,7 +137,9 @@ def bench_jaxgen(config: Any, steps: int, warmup: int) -> Measurement:
     optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
     schedule = optim.make_schedule(config.optim, config.train.num_steps)
     batch = synthetic_batch(config, np.random.default_rng(0))
-    state, shardings = step_lib.create_train_state(module, objective, optimizer, batch, 0, mesh)
+    state, shardings = step_lib.create_train_state(
+        module, objective, optimizer, config.data, 0, mesh
+    )
     train_step = step_lib.build_train_step(
         module, objective, optimizer, schedule, mesh, shardings,
         step_lib.StepOptions(grad_accum=config.train.grad_accum),
@@ -254,28 +222,27 @@ def bench_peer(config: Any, steps: int, warmup: int) -> Measurement | None:
 
 def bench_pipeline(config: Any, batches: int) -> tuple[float, float]:
     """(examples/s, seconds to first batch) from raw text (trained tokenizer) to device batches."""
-    from jaxgen.train import loop
+    from jaxgen.data.source import DataSource
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = config_lib.load_config_file(f"configs/{config.model.family}.py:mini")
-        with config.unlocked():
-            config.data.cache_dir = os.path.join(tmp, "cache")
+        run = config_lib.load_config(
+            f"configs/{config.family}.py:mini", [f"data.cache_dir={os.path.join(tmp, 'cache')}"]
+        )
         workdir = Path(tmp) / "run"
         workdir.mkdir()  # DataSource writes its tokenizer there
-        source = loop.DataSource(config, workdir)  # trains the tokenizer: not timed
+        source = DataSource(run, workdir)  # trains the tokenizer: not timed
         # Token arrays are cached per tokenizer; a fresh cache dir makes the timed part tokenize.
         source.cache_dir = Path(tmp) / "fresh-cache"
-        mesh = parallel.make_mesh(config.mesh)
-        phase = loop.resolve_phases(config)[0]
+        mesh = parallel.make_mesh(run.mesh)
         start = time.perf_counter()
-        iterator = source.dataset("train", phase)
+        iterator = source.dataset("train")
         jax.block_until_ready(parallel.global_batch(next(iterator), mesh))
         first = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(batches):
             jax.block_until_ready(parallel.global_batch(next(iterator), mesh))
         steady = time.perf_counter() - start
-    return batches * config.train.batch_size / steady, first
+    return batches * run.train.batch_size / steady, first
 
 
 def main() -> None:

@@ -18,18 +18,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from jaxgen import config as config_lib
 from jaxgen.data import pipeline
-from jaxgen.train import loop
+from jaxgen.data.source import DataSource
+from jaxgen.objectives import mlm_nsp
 from jaxgen.train.metrics import read_metrics
 
 
-def _batches(source: loop.DataSource, split: str, count: int) -> list[dict[str, np.ndarray]]:
+def _batches(source: DataSource, split: str, count: int) -> list[dict[str, np.ndarray]]:
     """`count` batches of `split` at the run's last phase, exactly as the trainer builds them."""
-    iterator = source.dataset(split, loop.resolve_phases(source.config)[-1])
+    phases = source.run.train.phases
+    data = source.run.phase_data(phases[-1]) if phases else source.run.data
+    iterator = source.dataset(split, data)
     return [next(iterator) for _ in range(count)]
 
 
@@ -72,11 +74,10 @@ def fit_threshold(features: np.ndarray, labels: np.ndarray) -> tuple[float, int]
 
 def baselines(workdir: Path, train_batches: int = 40) -> dict[str, Any]:
     """The baselines of one BERT workdir, beside its last eval row (empty if none yet)."""
-    saved = config_lib.to_dict(config_lib.load_saved_config(workdir / "config.json"))
-    config = ml_collections.ConfigDict(config_lib.with_saved_defaults(saved))
-    if config.model.family != "bert":
-        raise ValueError(f"{workdir} is a {config.model.family} run; this script reads BERT runs")
-    source = loop.DataSource(config, workdir)
+    config = config_lib.load_saved_config(workdir / "config.json")
+    if not isinstance(config.data, mlm_nsp.Data):
+        raise ValueError(f"{workdir} is a {config.family} run; this script reads BERT runs")
+    source = DataSource(config, workdir)
     tokenizer, eval_docs = source.tokenizer, source.eval_docs
     eval_batches = _batches(source, "eval", int(config.train.eval_steps))
     train_ids = pipeline.tokenize_documents(source.train_docs, tokenizer).ids

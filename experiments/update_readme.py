@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jaxgen import catalog
+from jaxgen.tools import catalog
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"(<!-- configs:begin -->\n)(.*?)(<!-- configs:end -->)", re.S)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,9 +38,13 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 FALLBACK_RULES = tuple((name, None if name == "vocab" else axes) for name, axes in LOGICAL_RULES)
 
 
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Resolves the (data, fsdp, tensor) sizes, where one -1 takes the remaining devices."""
-    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
+    """Resolves the (data, fsdp, tensor) sizes, where one -1 takes the remaining devices.
+
+    mesh_config: a MeshConfig or a {axis: size} mapping.
+    """
+    mapping = isinstance(mesh_config, Mapping)
+    sizes = [int(mesh_config[a] if mapping else getattr(mesh_config, a)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(
             f"at most one mesh axis may be -1; got {dict(zip(MESH_AXES, sizes, strict=True))}"
@@ -61,7 +66,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the (data, fsdp, tensor) mesh over all (or the given) devices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
@@ -156,6 +161,14 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     }
 
 
-def axis_rules():
+def axis_rules() -> contextlib.AbstractContextManager:
     """Context manager activating the logical-axis rules (for tracing models with constraints)."""
     return nn.logical_axis_rules(LOGICAL_RULES)
+
+
+def mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager:
+    """The mesh and logical-axis rules that tracing a model needs for its sharding constraints."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(axis_rules())
+    return stack

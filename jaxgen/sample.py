@@ -22,12 +22,15 @@ from flax import linen as nn
 Params = Any
 
 
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0:
+def check_sampling(
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None
+) -> None:
+    """Raises ValueError for a sampling setting out of range (None: not checked)."""
+    if temperature is not None and temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
-    if top_k < 0:
+    if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
-    if not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = off); got {top_p}")
 
 
@@ -35,7 +38,7 @@ def _settings(
     temperature: float, top_k: int, top_p: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Validated (temperature, top_k, top_p) as traced scalars for `choose_tokens`."""
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     return jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)
 
 
@@ -194,12 +197,12 @@ def decode_t5(
     decoder_start_id: int = 0,
     eos_id: int | None = 1,
     pad_id: int = 0,
-    temperature: float = 0.0,
+    temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
 ) -> jax.Array:
-    """Greedy (temperature 0) or sampled T5 decoding of encoder ids `[B, S]` -> `[B,
+    """Sampled (or, at temperature 0, greedy) T5 decoding of encoder ids `[B, S]` -> `[B,
     max_decode_len]`.
 
     The decoder starts from `decoder_start_id` (T5: pad, 0), which is not part of the output; after
@@ -288,8 +291,8 @@ def gibbs_bert(
     segment_ids: Any | None = None,
     attention_mask: Any | None = None,
     free: Any | None = None,
-    num_sweeps: int = 1,
-    order: str = "sequential",
+    num_sweeps: int = 50,
+    order: str = "parallel",
     temperature: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
@@ -298,10 +301,11 @@ def gibbs_bert(
     """BERT as a Markov random field (Wang & Cho 2019): Gibbs-resamples ids `[B, T]` -> `[B, T]`.
 
     The `free` positions (default: those equal to `mask_id`, e.g. an all-[MASK] start or a partly
-    masked prompt) are resampled; the rest stay fixed. `order='sequential'`: each sweep visits the
-    free positions left to right, masking the visited one and sampling it from the MLM distribution
-    given all others. `order='parallel'`: each sweep resamples every free position at once from one
-    forward pass. `mask_id` and `banned_ids` (e.g. [CLS], [SEP], [PAD]) are never sampled.
+    masked prompt) are resampled; the rest stay fixed. `order='parallel'` (the default, one forward
+    pass per sweep): each sweep resamples every free position at once. `order='sequential'`: each
+    sweep visits the free positions left to right, masking the visited one and sampling it from the
+    MLM distribution given all others. `mask_id` and `banned_ids` (e.g. [CLS], [SEP], [PAD]) are
+    never sampled.
     """
     input_ids = _tokens(input_ids, "input_ids", module.config.vocab_size)
     batch, length = input_ids.shape
@@ -402,161 +406,3 @@ def _gibbs_bert(
         return jax.lax.cond(jnp.any(is_free), resample, lambda tokens: tokens, tokens)
 
     return jax.lax.fori_loop(0, num_sweeps * length, visit, tokens)
-
-
-# ----------------------------------------------------------------------------------------------
-# `jaxgen sample`: a trained run's config, latest checkpoint and tokenizer -> texts
-
-
-def sample_from_workdir(args: Any) -> list[str]:
-    """Generates `args.num_samples` texts from the latest checkpoint of the run in `args.workdir`.
-
-    args: the `jaxgen sample` flags (an argparse Namespace; missing flags take the CLI defaults).
-    GPT continues `prompt` (returned with the prompt); T5 decodes `prompt` (e.g. with
-    `<extra_id_N>` sentinels) and returns the decoded target; BERT Gibbs-samples `length` tokens
-    after the optional prompt in a `[CLS] prompt ... [SEP]` layout and returns the text between
-    [CLS] and [SEP]. `greedy` sets the temperature to 0. Raises CheckpointError or ValueError with
-    a message naming the workdir.
-    """
-    from pathlib import Path
-
-    from jaxgen import config as config_lib
-    from jaxgen import models
-    from jaxgen.data import tokenizer as tokenizer_lib
-    from jaxgen.train import checkpoint as checkpoint_lib
-
-    def flag(name: str, default: Any) -> Any:
-        return getattr(args, name, default)
-
-    workdir = Path(args.workdir)
-    temperature = 0.0 if flag("greedy", False) else float(flag("temperature", 1.0))
-    top_k, top_p = int(flag("top_k", 0)), float(flag("top_p", 1.0))
-    seed, num_samples = int(flag("seed", 0)), int(flag("num_samples", 1))
-    prompt = str(flag("prompt", "") or "")
-    _check_sampling(temperature, top_k, top_p)  # before the (slow) checkpoint read
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise checkpoint_lib.CheckpointError(
-            f"{workdir} holds no jaxgen run (no config.json): train first with "
-            f"`jaxgen train --config configs/<family>.py:smoke --workdir {workdir}`"
-        )
-    config = config_lib.load_saved_config(config_file)
-    family = config.model.family
-    if family == "gpt" and not prompt:
-        # Checked before reading the checkpoint: the fix is on the command line.
-        raise ValueError(
-            f"empty prompt: GPT ({workdir}) continues a prompt; give --prompt 'some text'"
-        )
-    step, params = checkpoint_lib.load_params(workdir)
-    tokenizer = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
-    module = models.build(config.model)
-    max_len = int(config.model.max_len)
-    log_prefix = f"{workdir} ({family}, step {step})"
-
-    def text(ids: Any) -> str:
-        # A model whose vocab_size exceeds the tokenizer's can emit ids no tokenizer entry has.
-        return tokenizer.decode([int(i) for i in ids if 0 <= int(i) < tokenizer.vocab_size])
-
-    def too_long(what: str, length: int, limit: int, hint: str) -> ValueError:
-        return ValueError(
-            f"{what} is {length} tokens, longer than the context of the model in {log_prefix}: "
-            f"max_len={limit}; {hint}"
-        )
-
-    if family == "gpt":
-        ids = tokenizer.encode(prompt)
-        max_new_tokens = int(flag("max_new_tokens", 64))
-        if not ids:
-            raise ValueError(f"the prompt {prompt!r} encodes to no tokens ({log_prefix})")
-        if len(ids) >= max_len:
-            raise too_long("the prompt", len(ids), max_len, "shorten --prompt")
-        if len(ids) + max_new_tokens > max_len:
-            raise too_long(
-                f"the prompt ({len(ids)}) + --max_new_tokens ({max_new_tokens})",
-                len(ids) + max_new_tokens,
-                max_len,
-                f"use --max_new_tokens <= {max_len - len(ids)}",
-            )
-        out = sample_gpt(
-            module,
-            params,
-            np.tile(np.asarray([ids], np.int32), (num_samples, 1)),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            eos_id=tokenizer.eos_id,
-        )
-        texts = []
-        for row in np.asarray(out):
-            new = row[len(ids) :]
-            stop = np.flatnonzero(new == tokenizer.eos_id)  # generation ends at end-of-text
-            texts.append(text(ids + list(new[: stop[0] if stop.size else len(new)])))
-        return texts
-
-    if family == "t5":
-        if not prompt:
-            raise ValueError(
-                f"empty prompt: T5 ({workdir}) decodes an input; give --prompt, e.g. "
-                "'The <extra_id_0> walks in <extra_id_1> park'"
-            )
-        # T5 inputs end with EOS, as the span-corruption examples it was trained on.
-        ids = tokenizer.encode(prompt) + [tokenizer.eos_id]
-        if len(ids) > max_len:
-            raise too_long("the prompt (with EOS)", len(ids), max_len, "shorten --prompt")
-        out = decode_t5(
-            module,
-            params,
-            np.tile(np.asarray([ids], np.int32), (num_samples, 1)),
-            np.ones((num_samples, len(ids)), np.int32),
-            max_decode_len=int(flag("max_new_tokens", 64)),
-            decoder_start_id=tokenizer.pad_id,  # T5 starts decoding from pad
-            eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )
-        return [text(row) for row in np.asarray(out)]
-
-    if family == "bert":
-        length = int(flag("length", 32))
-        if length < 0:
-            raise ValueError(f"length must be >= 0; got {length}")
-        # A literal [MASK] in the prompt is resampled too (a partly masked prompt).
-        ids = tokenizer.encode(prompt) if prompt else []
-        ids = [tokenizer.cls_id, *ids, *[tokenizer.mask_id] * length, tokenizer.sep_id]
-        if len(ids) > max_len:
-            raise too_long(
-                "[CLS] + prompt + --length [MASK] + [SEP]",
-                len(ids),
-                max_len,
-                "shorten --prompt or lower --length",
-            )
-        if tokenizer.mask_id not in ids:
-            raise ValueError(
-                f"nothing to sample ({log_prefix}): set --length > 0 or put [MASK] in the prompt"
-            )
-        if top_p != 1.0:
-            raise ValueError("top_p is not supported by BERT Gibbs sampling; use --top_k")
-        unused = range(tokenizer.vocab_size, module.config.vocab_size)
-        specials = (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.unk_id)
-        out = gibbs_bert(
-            module,
-            params,
-            np.tile(np.asarray([ids], np.int32), (num_samples, 1)),
-            mask_id=tokenizer.mask_id,
-            num_sweeps=int(flag("gibbs_steps", 50)),
-            order=str(flag("gibbs_order", "parallel")),
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            banned_ids=[i for i in (*specials, *unused) if i is not None],
-        )
-        return [text(row[1:-1]) for row in np.asarray(out)]
-
-    raise ValueError(f"{workdir}: unknown model family {family!r} in config.json")

@@ -39,6 +39,8 @@ def test_overlap_feature_and_threshold(baselines):
 
 
 def test_rejects_a_run_of_another_family(baselines, tmp_path):
-    (tmp_path / "config.json").write_text('{"model": {"family": "gpt"}}')
+    from jaxgen import config as config_lib
+
+    config_lib.save_config(config_lib.load_config("configs/gpt.py:smoke"), tmp_path / "config.json")
     with pytest.raises(ValueError, match="gpt run"):
         baselines.baselines(tmp_path)

@@ -22,6 +22,7 @@ def get_config(arg="smoke"):
     c.train = dict(batch_size=8, num_steps=10 if arg == "smoke" else 1000, grad_accum=1,
                    eval_every=5, log_every=5, checkpoint_every=5, seed=0, phases=[])
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.meta = dict(name="toy")
     return c
 """
 
@@ -88,5 +89,88 @@ def test_save_and_reload_round_trip(config_file, tmp_path):
     config = config_lib.load_config(config_file)
     config_lib.save_config(config, tmp_path / "config.json")
     again = config_lib.load_saved_config(tmp_path / "config.json")
-    assert config_lib.diff(config_lib.to_dict(config), config_lib.to_dict(again)) == []
+    assert again == config
+    assert config_lib.diff(config.to_dict(), again.to_dict()) == []
     assert json.loads((tmp_path / "config.json").read_text())["model"]["family"] == "bert"
+
+
+# One misspelt key per section, in a config file (the typed sections reject it) and on the command
+# line (the override finds no such key); both name the nearest valid key.
+MISSPELT = {
+    "model": ("num_hedas", "num_heads"),
+    "data": ("max_prediction", "max_predictions"),
+    "optim": ("warmup_step", "warmup_steps"),
+    "train": ("batch_sise", "batch_size"),
+    "mesh": ("fsdb", "fsdp"),
+    "meta": ("papr", "paper"),
+}
+
+
+@pytest.mark.parametrize("section", list(MISSPELT))
+def test_unknown_keys_in_every_section_name_the_nearest_key(section, config_file):
+    wrong, right = MISSPELT[section]
+    config = config_lib.load_config_file(config_file)
+    config[section][wrong] = 1
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=f"unknown config key '{section}.{wrong}'; did you mean '{section}.{right}'",
+    ):
+        config_lib.run_config(config)
+    with pytest.raises(config_lib.ConfigError, match=f"did you mean '{section}.{right}'"):
+        config_lib.load_config(config_file, [f"--config.{section}.{wrong}=1"])
+
+
+def test_unknown_section_is_named(config_file):
+    config = config_lib.load_config_file(config_file)
+    config.trian = {}
+    with pytest.raises(
+        config_lib.ConfigError, match="unknown config section 'trian'; did you mean"
+    ):
+        config_lib.run_config(config)
+
+
+def test_adafactor_takes_its_own_keys_and_rejects_adamw_keys(config_file):
+    run = config_lib.load_config(
+        config_file,
+        ["--config.optim.decay_rate=0.9", "--config.optim.name=adafactor",
+         "--config.optim.momentum=0.5"],
+    )  # fmt: skip
+    assert isinstance(run.optim, config_lib.AdafactorConfig)
+    assert (run.optim.decay_rate, run.optim.momentum) == (0.9, 0.5)
+    assert run.optim.learning_rate == pytest.approx(1e-3)  # shared keys survive the switch
+    assert not hasattr(run.optim, "b1")
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.b1'"):
+        config_lib.load_config(config_file, ["--config.optim.name=adafactor", "optim.b1=0.8"])
+    config = config_lib.load_config_file(config_file)
+    config.optim.name = "adafactor"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match="optim.b1 is a setting of adamw, not of optim.name='adafactor'; adafactor takes "
+        "decay_rate, epsilon",
+    ):
+        config_lib.run_config(config)
+    config = config_lib.load_config_file(config_file)
+    config.optim.decay_rate = 0.8
+    with pytest.raises(config_lib.ConfigError, match="optim.decay_rate is a setting of adafactor"):
+        config_lib.run_config(config)
+    with pytest.raises(config_lib.ConfigError, match="optim.name must be one of adamw, adafactor"):
+        config_lib.load_config(config_file, ["--config.optim.name=sgd"])
+
+
+def test_phase_keys_are_data_keys(config_file):
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'data.seq_lne'"):
+        config_lib.load_config(
+            config_file, ['--config.train.phases=[{"fraction": 1.0, "seq_lne": 16}]']
+        )
+
+
+def test_saved_configs_of_earlier_versions_are_upgraded(config_file, tmp_path):
+    run = config_lib.load_config(config_file)
+    old = run.to_dict()
+    meta = old.pop("meta")
+    old.update(name=meta["name"], paper="a paper", hardware="cpu")  # catalog keys at the top
+    del old["data"]["split_seed"]
+    old["train"]["seed"] = 3  # held-out documents followed train.seed then
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    again = config_lib.load_saved_config(tmp_path / "config.json")
+    assert again.meta.paper == "a paper" and again.data.split_seed == 3

@@ -4,12 +4,14 @@ config objects, parameter counts from `jax.eval_shape` of the real models (via j
 The expected numbers are typed here from the papers, independently of the config files.
 """
 
+import dataclasses
 import math
 
 import pytest
 
-from jaxgen import catalog, models
 from jaxgen import config as config_lib
+from jaxgen import models, objectives
+from jaxgen.tools import catalog
 
 
 def load(family: str, arg: str):
@@ -27,31 +29,40 @@ ROW_IDS = [f"{family}:{arg}" for family, arg in ALL_ROWS]
 def test_every_row_validates_and_builds(family, arg):
     config = load(family, arg)
     assert config.model.family == family
-    assert config.name == f"configs/{family}.py:{arg}"
-    models.layers.ModelConfig.from_mapping(config.model)  # no unknown model keys
+    assert config.meta.name == f"configs/{family}.py:{arg}"
+    assert isinstance(config.model, models.ModelConfig)
     assert config.model.num_heads * config.model.head_dim > 0
 
 
-@pytest.mark.parametrize("family", catalog.FAMILIES)
+@pytest.mark.parametrize("family", objectives.FAMILIES)
 def test_every_row_has_every_key(family):
+    """Rows of a family share their keys, but for the optimizer's own (AdamW or Adafactor)."""
     module = catalog.load_family(family)
-    key_sets = {arg: set(config_lib.flat_keys(module.get_config(arg))) for arg in module.ROWS}
+    optimizer_keys = {f"optim.{k}" for cls in config_lib.OPTIMIZERS.values() for k in cls.keys()}
+    shared_optim = {f"optim.{k}" for k in config_lib.OptimConfig.keys()}
+    key_sets = {}
+    for arg in module.ROWS:
+        config = module.get_config(arg)
+        keys = set(config_lib.flat_keys(config))
+        own = {k for k in keys if k in optimizer_keys - shared_optim}
+        name = config.optim.name
+        assert own == {f"optim.{k}" for k in config_lib.OPTIMIZERS[name].keys()} - shared_optim
+        key_sets[arg] = keys - own
     reference = key_sets["smoke"]
     for arg, keys in key_sets.items():
         assert keys == reference, f"{family}:{arg} differs by {keys ^ reference}"
-    for section in ("model", "data", "optim", "train", "mesh"):
-        assert any(k.startswith(section + ".") for k in reference)
+    assert {k.split(".")[0] for k in reference} == set(config_lib.SECTIONS)
     for key in ("published_params", "released_params", "hardware", "name"):
-        assert key in reference
+        assert f"meta.{key}" in reference
 
 
-@pytest.mark.parametrize("family", catalog.FAMILIES)
+@pytest.mark.parametrize("family", objectives.FAMILIES)
 def test_docstring_gives_the_command_and_unknown_rows_are_named(family):
     module = catalog.load_family(family)
     assert f"jaxgen train --config configs/{family}.py:" in module.__doc__
     with pytest.raises(ValueError, match="valid rows: smoke"):
         module.get_config("nope")
-    assert module.get_config().name.endswith(":smoke")
+    assert module.get_config().meta.name.endswith(":smoke")
 
 
 def test_overrides_reach_family_specific_keys():
@@ -69,7 +80,7 @@ def test_overrides_reach_family_specific_keys():
 def test_smoke_rows_run_on_cpu(family, arg):
     # Values are tuned by whoever owns the smoke runs; only their nature is pinned here.
     config = load(family, arg)
-    assert config.hardware == "cpu" and config.model.attention == "xla"
+    assert config.meta.hardware == "cpu" and config.model.attention == "xla"
     assert config.model.dtype == "float32" and config.data.corpus == "builtin"
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (-1, 1, 1)
 
@@ -119,7 +130,7 @@ def test_bert_rows(arg):
 
 def test_bert_large_fits_its_slice():
     config = load("bert", "large")
-    assert config.hardware == "v3-64" and config.model.dtype == "bfloat16"
+    assert config.meta.hardware == "v3-64" and config.model.dtype == "bfloat16"
 
 
 # --------------------------------------------------------------------------------------------- GPT
@@ -136,7 +147,7 @@ def test_gpt1():
     assert optim.schedule == "cosine" and optim.final_lr_fraction == 0.0
     assert optim.weight_decay == 0.01 and optim.name == "adamw"
     assert train.batch_size == 64
-    assert config.published_params == 117_000_000
+    assert config.meta.published_params == 117_000_000
 
 
 GPT2 = {  # row: (layers, d_model, heads, paper count, released count)
@@ -156,8 +167,8 @@ def test_gpt2_rows(arg):
     assert model.head_dim * model.num_heads == d_model and model.d_ff == 4 * d_model
     assert model.max_len == 1024 and config.data.seq_len == 1024 and model.vocab_size == 50_257
     assert model.norm_position == "pre" and config.train.batch_size == 512
-    assert config.published_params == published
-    assert config.released_params == pytest.approx(released, rel=0.005)  # "124M" etc.
+    assert config.meta.published_params == published
+    assert config.meta.released_params == pytest.approx(released, rel=0.005)  # "124M" etc.
 
 
 GPT3 = {  # Table 2.1: (params, layers, d_model, heads, head_dim, batch tokens, lr)
@@ -180,12 +191,12 @@ def test_gpt3_rows(arg):
     assert (model.num_layers, model.d_model, model.head_dim) == (layers, d_model, head_dim)
     # The printed table's heads are in the config: as the model's, or as `printed_num_heads` where
     # the row must differ (1.3B: 24 x 128 = 3072 != d_model 2048; see test_gpt3_1_3b_heads).
-    assert config.printed_num_heads == (heads if arg == "gpt3-1.3b" else 0)
+    assert config.meta.printed_num_heads == (heads if arg == "gpt3-1.3b" else 0)
     assert model.num_heads == (16 if arg == "gpt3-1.3b" else heads)
     assert model.d_ff == 4 * d_model and model.max_len == 2048 and config.data.seq_len == 2048
     assert model.vocab_size == 50_257 and model.norm_position == "pre"
     assert model.sparse_attention == "alternating"
-    assert config.published_params == params
+    assert config.meta.published_params == params
     tokens = train.batch_size * 2048
     assert tokens == pytest.approx(batch_tokens, rel=0.05)  # 0.5M = 2^19 tokens, 3.2M = 1536 x 2048
     assert optim.learning_rate == pytest.approx(lr)
@@ -204,10 +215,10 @@ def test_gpt3_1_3b_printed_heads_cannot_give_1_3b():
     """Table 2.1 prints 24 heads of 128 for d_model 2048: built as printed, the model misses the
     paper's own 1.3B by more than 3%, while the row's 16 heads of 128 land within it."""
     config = load("gpt", "gpt3-1.3b")
-    printed = dict(config.model.to_dict(), num_heads=config.printed_num_heads)
+    printed = dataclasses.replace(config.model, num_heads=config.meta.printed_num_heads)
     as_printed = catalog.count_params(printed)
     assert as_printed == pytest.approx(1.52e9, rel=0.01)
-    assert abs(as_printed / config.published_params - 1) > 0.03
+    assert abs(as_printed / config.meta.published_params - 1) > 0.03
     assert catalog.count_params(config.model) == pytest.approx(1.3e9, rel=0.03)
 
 
@@ -218,7 +229,7 @@ def test_gpt3_ramp_grows_with_size():
 
 def test_gpt3_175b_on_v4_1024():
     config = load("gpt", "gpt3-175b")
-    assert config.hardware == "v4-1024"
+    assert config.meta.hardware == "v4-1024"
     assert config.train.batch_size % (config.train.grad_accum * config.mesh.fsdp) == 0
 
 
@@ -272,11 +283,14 @@ def test_t5_rows(row, recipe):
     assert data.noise_density == 0.15 and data.mean_noise_span_length == 3.0
     assert optim.name == "adafactor" and optim.schedule == "rsqrt"
     assert optim.learning_rate == 0.01 and optim.warmup_steps == 10_000  # 1/sqrt(max(n, 10^4))
-    assert optim.weight_decay == 0.0
+    assert optim.weight_decay == 0.0 and optim.clip_norm == 0.0
+    # Adafactor as T5 ran it: factored, no momentum, decay 0.8, eps 1e-30, update clipping 1.0.
+    assert (optim.decay_rate, optim.epsilon, optim.clipping_threshold) == (0.8, 1e-30, 1.0)
+    assert optim.factored and optim.momentum == 0.0 and optim.multiply_by_parameter_scale
     assert (train.batch_size, train.num_steps) == RECIPES[recipe]
-    assert config.recipe == ("final" if recipe == ",final" else "baseline")
+    assert config.meta.recipe == ("final" if recipe == ",final" else "baseline")
     if not v11:
-        assert config.published_params == T5[row][5]
+        assert config.meta.published_params == T5[row][5]
 
 
 def test_t5_recipe_tokens():
@@ -323,17 +337,17 @@ PAPER_MISCOUNTED = {
 
 @pytest.mark.parametrize("name", catalog.list_names(), ids=ROW_IDS)
 def test_parameter_count(name):
-    config = catalog.load_row(name)
-    params = catalog.count_params(
-        config.model
-    )  # jax.eval_shape of the real model, cached per shape
-    if config.released_params:
-        assert params == pytest.approx(config.released_params, rel=0.01)
-    if config.published_params:
-        within = abs(params / config.published_params - 1) <= 0.03
-        assert within != (name in PAPER_MISCOUNTED), (name, params, config.published_params)
+    config = catalog.load_run(name)
+    params = catalog.count_params(config.model)  # jax.eval_shape of the real model, cached
+    if config.meta.released_params:
+        assert params == pytest.approx(config.meta.released_params, rel=0.01)
+    if config.meta.published_params:
+        within = abs(params / config.meta.published_params - 1) <= 0.03
+        assert within != (name in PAPER_MISCOUNTED), (name, params, config.meta.published_params)
     else:
-        assert config.released_params or config.hardware == "cpu", "paper rows need a count"
+        assert config.meta.released_params or config.meta.hardware == "cpu", (
+            "paper rows need a count"
+        )
 
 
 @pytest.mark.parametrize(
@@ -342,5 +356,5 @@ def test_parameter_count(name):
      "configs/t5.py:t5-small", "configs/t5.py:t5.1.1-small"],
 )  # fmt: skip
 def test_depth_extrapolation_equals_full_trace(name):
-    model = catalog.load_row(name).model
+    model = catalog.load_run(name).model
     assert catalog.count_params(model) == catalog.count_params_full_depth(model)

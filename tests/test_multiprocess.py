@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from jaxgen.train.metrics import read_metrics
-from tests.tiny import TINY
+from tests.tiny_runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxgen import sample
-from tests.models.tiny import apply_fn, model
+from tests.models.tiny_models import apply_fn, model
 
 PROMPT = np.array([[5, 17, 42], [9, 3, 77]], np.int32)
 MASK_ID = M = 4
@@ -76,7 +76,7 @@ def test_t5_greedy_matches_full_forward_and_sampling_is_seeded():
     module, params = model("t5")
     enc = np.array([[8, 9, 10, 11, 12, 1, 0, 0], [20, 21, 22, 23, 24, 25, 26, 1]], np.int32)
     mask = (enc != 0).astype(np.int32)
-    out = sample.decode_t5(module, params, enc, mask, max_decode_len=5, eos_id=None)
+    out = sample.decode_t5(module, params, enc, mask, max_decode_len=5, eos_id=None, temperature=0)
     assert out.shape == (2, 5) and out.dtype == jnp.int32
     dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), out[:, :-1]], axis=1)
     logits = apply_fn(module)(params, enc, dec_in, mask, jnp.ones_like(dec_in))
@@ -85,7 +85,7 @@ def test_t5_greedy_matches_full_forward_and_sampling_is_seeded():
     a = sample.decode_t5(module, params, enc, mask, seed=3, **kwargs)
     np.testing.assert_array_equal(a, sample.decode_t5(module, params, enc, mask, seed=3, **kwargs))
     eos = int(out[0, 1])
-    e = sample.decode_t5(module, params, enc, mask, max_decode_len=5, eos_id=eos)
+    e = sample.decode_t5(module, params, enc, mask, max_decode_len=5, eos_id=eos, temperature=0)
     assert e[0, 1] == eos and np.all(np.asarray(e[0, 2:]) == 0)
 
 

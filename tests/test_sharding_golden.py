@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from jaxgen import config as config_lib
@@ -41,21 +40,6 @@ SHRINK = [
     "data.seq_len=16",
 ]
 EXTRA = {"bert": [], "gpt": [], "t5": ["model.num_decoder_layers=1"]}
-INPUT_SHAPES = {
-    "bert": {
-        "input_ids": (2, 16),
-        "segment_ids": (2, 16),
-        "attention_mask": (2, 16),
-        "masked_positions": (2, 4),
-    },
-    "gpt": {"input_ids": (2, 16), "positions": (2, 16), "segment_ids": (2, 16)},
-    "t5": {
-        "encoder_input_ids": (2, 16),
-        "decoder_input_ids": (2, 8),
-        "encoder_mask": (2, 16),
-        "decoder_mask": (2, 8),
-    },
-}
 
 
 def spec_as_list(spec: jax.sharding.PartitionSpec, ndim: int) -> list[Any]:
@@ -69,9 +53,8 @@ def sharding_table(family: str) -> dict[str, list[Any]]:
     config = config_lib.load_config(f"configs/{family}.py:smoke", SHRINK + EXTRA[family])
     module = models.build(config.model)
     mesh = parallel.make_mesh(MESH)
-    batch = {k: jnp.zeros(shape, jnp.int32) for k, shape in INPUT_SHAPES[family].items()}
-    init = step_lib.init_params_fn(module, objectives.get(family), batch)
-    with step_lib.mesh_context(mesh):
+    init = step_lib.init_params_fn(module, objectives.get(family), config.data)
+    with parallel.mesh_context(mesh):
         boxed = jax.eval_shape(init, jax.random.key(0))  # shapes only: nothing is computed
         shardings = parallel.logical_shardings(boxed, mesh)
     flat_shardings = jax.tree_util.tree_flatten_with_path(shardings)[0]

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("wordpiece", "bpe", "sentencepiece")
+from jaxgen.config import DataConfig
+
+KINDS = DataConfig.TOKENIZERS
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 END_OF_TEXT = "<|endoftext|>"
 NUM_SENTINELS = 100
@@ -474,29 +476,20 @@ def _read(file: Path) -> str:
         raise TokenizerError(f"{file} is not UTF-8 text") from err
 
 
-def _setting(config: Any, key: str, default: Any) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
-
-
 def build_tokenizer(
-    data_config: Any,
+    data: DataConfig,
     documents: Sequence[Sequence[str]],
     vocab_size: int,
     cache_dir: str | os.PathLike,
 ) -> Tokenizer:
-    """The tokenizer a run uses: loaded from `data_config.vocab_path`, else trained once and cached.
+    """The tokenizer a run uses: loaded from `data.vocab_path`, else trained once and cached.
 
     The cache entry lives in `cache_dir/tokenizer-<kind>-<hash>/`, keyed by the corpus content,
     kind, vocab_size and lower-casing, so a changed corpus or setting trains afresh.
     """
     from jaxgen.data.corpus import corpus_hash
 
-    kind = _setting(data_config, "tokenizer", "wordpiece")
-    if kind not in KINDS:
-        raise TokenizerError(f"data.tokenizer must be one of {KINDS}, got {kind!r}")
-    lowercase = bool(_setting(data_config, "lowercase", kind == "wordpiece"))
-    vocab_path = _setting(data_config, "vocab_path", "")
+    kind, lowercase, vocab_path = data.tokenizer, data.lowercase, data.vocab_path
     if vocab_path:
         return load_vocabulary(kind, vocab_path, lowercase)
     key = hashlib.sha256(

@@ -8,8 +8,8 @@ from typing import Any
 from flax import linen as nn
 
 from jaxgen.models.bert import Bert
+from jaxgen.models.config import ModelConfig
 from jaxgen.models.gpt import Gpt
-from jaxgen.models.layers import ModelConfig
 from jaxgen.models.t5 import T5
 
 __all__ = ["Bert", "Gpt", "ModelConfig", "T5", "build"]

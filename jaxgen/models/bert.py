@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
     Dense,
     Dropout,
     Embed,
     LayerNorm,
     Mlp,
-    ModelConfig,
     MultiHeadAttention,
     add_vocab_bias,
     constrain,

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
     Dropout,
     Embed,
     LayerNorm,
     Mlp,
-    ModelConfig,
     MultiHeadAttention,
     constrain,
     init_std_scaled,

@@ -10,11 +10,9 @@ the config's dtype. Norm statistics and softmax always run in float32.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,82 +27,6 @@ from jaxgen.kernels.attention import RelativePositionBias, attention, relative_p
 # sum of two of them stays finite (unlike finfo.min), so a mask bias can be combined with the
 # kernel's own masking.
 MASK_BIAS = -1e9
-
-FAMILY_LAYER_NORM_EPS = {"bert": 1e-12, "gpt": 1e-5, "t5": 1e-6}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The static, hashable model settings (from `config.model`); jitted code sees only this."""
-
-    family: str
-    vocab_size: int
-    num_layers: int
-    d_model: int
-    num_heads: int
-    head_dim: int
-    d_ff: int
-    max_len: int = 512
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    dtype: str = "float32"
-    attention: str = "auto"
-    remat: bool = False
-    layer_norm_eps: float | None = (
-        None  # None: the family's paper value (see FAMILY_LAYER_NORM_EPS)
-    )
-    init_std: float = 0.02  # BERT and GPT; T5 uses its own fan-in rule (see t5.py)
-    # BERT
-    type_vocab_size: int = 2
-    # GPT
-    norm_position: str = "pre"
-    sparse_attention: str = "none"
-    local_window: int = 256
-    # T5
-    num_decoder_layers: int | None = None  # None: num_layers
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    feed_forward: str = "relu"
-    tie_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILY_LAYER_NORM_EPS:
-            raise ValueError(f"model.family must be bert, gpt or t5; got {self.family!r}")
-        if self.layer_norm_eps is None:
-            object.__setattr__(self, "layer_norm_eps", FAMILY_LAYER_NORM_EPS[self.family])
-        if self.num_decoder_layers is None:
-            object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype must be float32 or bfloat16; got {self.dtype!r}")
-        if self.norm_position not in ("pre", "post"):
-            raise ValueError(f"model.norm_position must be pre or post; got {self.norm_position!r}")
-        if self.sparse_attention not in ("none", "alternating"):
-            raise ValueError(
-                f"model.sparse_attention must be none or alternating; got {self.sparse_attention!r}"
-            )
-        if self.feed_forward not in ("relu", "gated-gelu"):
-            raise ValueError(
-                f"model.feed_forward must be relu or gated-gelu; got {self.feed_forward!r}"
-            )
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> ModelConfig:
-        """Builds a config from `config.model` (ConfigDict or dict); unknown keys fail loudly."""
-        if isinstance(mapping, ModelConfig):
-            return mapping
-        items = dict(mapping.items())
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in items:
-            if key not in names:
-                near = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ValueError(f"unknown model config key {key!r}{hint}")
-        return cls(**items)
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        """The activation dtype (parameters are always float32)."""
-        return jnp.dtype(self.dtype)
 
 
 def gelu(x: jax.Array) -> jax.Array:

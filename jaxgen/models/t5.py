@@ -38,12 +38,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxgen.kernels.attention import RelativePositionBias
+from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
     Dense,
     Dropout,
     Embed,
     Mlp,
-    ModelConfig,
     MultiHeadAttention,
     RMSNorm,
     constrain,

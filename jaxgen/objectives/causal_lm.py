@@ -7,20 +7,50 @@ inputs are a window without its last token, targets the window without its first
 positions restart at each document, and no loss is taken on a target from another document.
 
 Device side (pure jnp, float32): `model_inputs` picks the model's kwargs from a batch and
-`loss_and_metrics` returns the weighted mean loss and `{name: (sum, weight)}` sums.
-`weighted_loss_and_metrics` is shared with span corruption.
+`loss_and_metrics` returns `{name: (sum, weight)}`; `weighted_metrics` is shared with span
+corruption and BERT's MLM. The module implements `jaxgen.objectives.Objective`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen import objectives
+from jaxgen.config import DataConfig, require
+
+if TYPE_CHECKING:
+    from jaxgen.models.config import ModelConfig
+
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+MIN_DOCUMENTS = 1
+LOSS_TERMS = ("loss",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(DataConfig):
+    """GPT's data: byte-level BPE; separate_documents keeps packed documents apart (segment ids,
+    positions restarting at each document, no target across a boundary). GPT-2/3 pack documents
+    separated by <|endoftext|> with no masking between them (False)."""
+
+    tokenizer: str = "bpe"
+    separate_documents: bool = False
+
+
+def check(model: ModelConfig, data: Data) -> None:
+    """Raises ConfigError when the data cannot feed the model."""
+    require(
+        data.seq_len <= model.max_len,
+        f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}",
+    )
 
 
 def pack_documents(
@@ -72,6 +102,63 @@ def pack_documents(
     }
 
 
+def batch_spec(data: Data, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of a batch of `batch_size` windows: ids, positions, segments [B, T], weights."""
+    ids = jax.ShapeDtypeStruct((batch_size, data.seq_len), jnp.int32)
+    return {
+        "input_ids": ids,
+        "target_ids": ids,
+        "positions": ids,
+        "segment_ids": ids,
+        "weights": jax.ShapeDtypeStruct((batch_size, data.seq_len), jnp.float32),
+    }
+
+
+def sequence_lengths(data: Data) -> dict[str, int]:
+    """Tokens per row the model reads (inputs) and the positions it scores (every one)."""
+    return {"inputs": data.seq_len, "scored": data.seq_len}
+
+
+def value_bounds(model: ModelConfig, data: Data) -> dict[str, int]:
+    """Exclusive upper bounds of the integer arrays (XLA would clamp an out-of-range index)."""
+    return {"input_ids": model.vocab_size, "target_ids": model.vocab_size,
+            "positions": model.max_len, "segment_ids": data.seq_len + 1}  # fmt: skip
+
+
+def synthetic_batch(
+    model: ModelConfig, data: Data, batch_size: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Random windows of the spec's shapes; rows end in padding (weight 0) of random length."""
+    b, t = batch_size, data.seq_len
+    tokens = rng.integers(0, model.vocab_size, (b, t + 1), dtype=np.int32)
+    lengths = rng.integers(t // 2, t + 1, b)
+    real = np.arange(t)[None, :] < lengths[:, None]
+    return {
+        "input_ids": tokens[:, :-1],
+        "target_ids": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "segment_ids": real.astype(np.int32),
+        "weights": real.astype(np.float32),
+    }
+
+
+def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int) -> Any:
+    """The packed windows of a tokenized corpus (deterministic: no rng)."""
+    if tokenizer.eos_id is None:
+        raise objectives.DataError(
+            f"GPT needs a tokenizer with an end-of-text token; got {tokenizer!r}"
+        )
+    docs = [corpus.tokens(i) for i in range(corpus.num_documents)]
+    return pack_documents(docs, data.seq_len, tokenizer.eos_id, data.separate_documents)
+
+
+def example_fn(
+    tokenizer: Any, data: Data, split: str, seed: int
+) -> Callable[[int, int, Any], dict[str, np.ndarray]]:
+    """make(position, index, window) -> example: a window is already an example."""
+    return lambda position, index, window: window
+
+
 def model_inputs(batch: Batch) -> dict[str, jax.Array]:
     """The GPT apply kwargs (input_ids, positions, segment_ids, each [B, T]) taken from a batch."""
     return {
@@ -93,31 +180,42 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return log_z - target_logit, log_z, correct
 
 
-def weighted_loss_and_metrics(
+def weighted_metrics(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float = 0.0
-) -> tuple[jax.Array, Metrics]:
-    """Weighted mean cross-entropy (+ z_loss * log_z^2) of logits [B, T, V]; metric sums."""
+) -> Metrics:
+    """(sum, weight) of cross-entropy ('loss'), accuracy and z_loss * log_z^2 of logits [B, T, V].
+
+    The weight of every metric is the sum of `weights` [B, T].
+    """
     ce, log_z, correct = token_losses(logits, targets)
     weights = weights.astype(jnp.float32)
     total = jnp.sum(weights)
-    ce_sum = jnp.sum(ce * weights)
     metrics: Metrics = {
-        "loss": (ce_sum, total),
+        "loss": (jnp.sum(ce * weights), total),
         "accuracy": (jnp.sum(correct * weights), total),
     }
-    objective = ce_sum
     if z_loss:
         # T5X/MaxText's auxiliary term keeps the softmax normaliser near 1 (stabler bf16 training).
-        z_sum = z_loss * jnp.sum(jnp.square(log_z) * weights)
-        metrics["z_loss"] = (z_sum, total)
-        objective = objective + z_sum
-    # An all-padding batch has no tokens to average over: give 0 (and zero gradients), not NaN.
-    loss = objective / jnp.where(total > 0, total, 1.0)
-    return loss, metrics
+        metrics["z_loss"] = (z_loss * jnp.sum(jnp.square(log_z) * weights), total)
+    return metrics
 
 
-def loss_and_metrics(
-    outputs: jax.Array, batch: Batch, z_loss: float = 0.0
-) -> tuple[jax.Array, Metrics]:
-    """Next-token loss of GPT logits [B, T, V] vs target_ids, weighted by weights; metric sums."""
-    return weighted_loss_and_metrics(outputs, batch["target_ids"], batch["weights"], z_loss)
+def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+    """The weight of each loss term: the number of real targets (sum of `weights`)."""
+    total = jnp.sum(batch["weights"].astype(jnp.float32))
+    return {"loss": total, "z_loss": total}
+
+
+def loss_and_metrics(outputs: jax.Array, batch: Batch, z_loss: float = 0.0) -> Metrics:
+    """{name: (sum, weight)} of GPT logits [B, T, V] vs target_ids, weighted by weights."""
+    return weighted_metrics(outputs, batch["target_ids"], batch["weights"], z_loss)
+
+
+def derived_metrics(means: Mapping[str, float]) -> dict[str, float]:
+    """Perplexity, exp(loss) (capped at exp(50) so a diverged run still logs a number)."""
+    return {"perplexity": math.exp(min(means["loss"], 50.0))}
+
+
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Input tokens of a host batch (packing leaves no padding)."""
+    return int(np.size(batch["input_ids"]))

@@ -7,31 +7,73 @@ put back), `truncate_seq_pair` trimming the longer side at a random end, layout 
 [SEP]`, and 80/10/10 masking of `min(max_predictions, max(1, round(n_candidates * mask_prob)))`
 positions, optionally whole words.
 
-Device side (pure jnp): `model_inputs(batch)` and `loss_and_metrics(outputs, batch)`.
+Device side (pure jnp): `model_inputs(batch)` and `loss_and_metrics(outputs, batch)`; the loss is
+the MLM mean over real predictions plus the NSP mean over sequences (LOSS_TERMS). The module
+implements `jaxgen.objectives.Objective`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen import objectives
+from jaxgen.config import DataConfig, require
 from jaxgen.objectives import causal_lm
 
-BATCH_KEYS = (
-    "input_ids",
-    "segment_ids",
-    "attention_mask",
-    "masked_positions",
-    "masked_ids",
-    "masked_weights",
-    "next_sentence_labels",
-)
+if TYPE_CHECKING:
+    from jaxgen.models.config import ModelConfig
+
 IS_NEXT, NOT_NEXT = 0, 1  # google-research/bert's next_sentence_labels
+# NSP pairs sentences of different documents.
+MIN_DOCUMENTS = 2
+LOSS_TERMS = ("mlm_loss", "nsp_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(DataConfig):
+    """BERT's data, as google-research/bert's create_pretraining_data.py names it.
+
+    mask_prob of the non-special tokens are predicted, at most max_predictions per sequence;
+    short_seq_prob of pairs aim at a random shorter length; dupe_factor passes over the documents
+    pair their sentences anew; random_next_prob of B segments come from another document.
+    dynamic_masking draws new masks every epoch (the paper masked statically); whole_word_masking
+    masks every piece of a chosen word.
+    """
+
+    tokenizer: str = "wordpiece"
+    lowercase: bool = True
+    mask_prob: float = 0.15
+    max_predictions: int = 20
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 10
+    dynamic_masking: bool = False
+    whole_word_masking: bool = False
+    random_next_prob: float = 0.5
+
+    def check(self) -> None:
+        """Probabilities in range, at least one prediction and one pass."""
+        super().check()
+        for key in ("mask_prob", "short_seq_prob", "random_next_prob"):
+            value = getattr(self, key)
+            require(0.0 <= value <= 1.0, f"data.{key} must be in [0, 1], got {value}")
+        for key in ("max_predictions", "dupe_factor"):
+            value = getattr(self, key)
+            require(value > 0, f"data.{key} must be positive, got {value}")
+        require(self.seq_len >= 5, f"data.seq_len={self.seq_len} cannot hold [CLS] A [SEP] B [SEP]")
+
+
+def check(model: ModelConfig, data: Data) -> None:
+    """Raises ConfigError when the data cannot feed the model."""
+    require(
+        data.seq_len <= model.max_len,
+        f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}",
+    )
 
 
 @dataclasses.dataclass
@@ -315,6 +357,124 @@ def make_example(
     return example
 
 
+# ---------------------------------------------------------------------------------------- batches
+
+
+def batch_spec(data: Data, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Token arrays [B, T], predictions [B, P] (P = max_predictions) and NSP labels [B]."""
+    b, t, p = batch_size, data.seq_len, data.max_predictions
+    int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    return {
+        "input_ids": int32(b, t),
+        "segment_ids": int32(b, t),
+        "attention_mask": int32(b, t),
+        "masked_positions": int32(b, p),
+        "masked_ids": int32(b, p),
+        "masked_weights": jax.ShapeDtypeStruct((b, p), jnp.float32),
+        "next_sentence_labels": int32(b),
+    }
+
+
+def sequence_lengths(data: Data) -> dict[str, int]:
+    """Tokens per row the model reads (inputs) and the positions it scores (the predictions)."""
+    return {"inputs": data.seq_len, "scored": data.max_predictions}
+
+
+def value_bounds(model: ModelConfig, data: Data) -> dict[str, int]:
+    """Exclusive upper bounds of the integer arrays (XLA would clamp an out-of-range index)."""
+    v = model.vocab_size
+    return {"input_ids": v, "masked_ids": v, "segment_ids": model.type_vocab_size,
+            "attention_mask": 2, "masked_positions": data.seq_len,
+            "next_sentence_labels": 2}  # fmt: skip
+
+
+def synthetic_batch(
+    model: ModelConfig, data: Data, batch_size: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Random pairs of the spec's shapes: padded rows of random length, a random number of real
+    predictions per row (at least one), random NSP labels."""
+    b, t, p = batch_size, data.seq_len, data.max_predictions
+    lengths = rng.integers(max(t // 2, 4), t + 1, b)
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+    segments = (np.arange(t)[None, :] >= lengths[:, None] // 2).astype(np.int32) * mask
+    positions = np.zeros((b, p), np.int32)
+    weights = np.zeros((b, p), np.float32)
+    for row, n in enumerate(lengths):
+        count = int(rng.integers(1, min(p, n - 1) + 1))
+        positions[row, :count] = np.sort(rng.choice(np.arange(1, n), count, replace=False))
+        weights[row, :count] = 1.0
+    return {
+        "input_ids": rng.integers(0, model.vocab_size, (b, t), dtype=np.int32) * mask,
+        "segment_ids": segments,
+        "attention_mask": mask,
+        "masked_positions": positions,
+        "masked_ids": rng.integers(0, model.vocab_size, (b, p), dtype=np.int32),
+        "masked_weights": weights,
+        "next_sentence_labels": rng.integers(0, 2, b, dtype=np.int32),
+    }
+
+
+def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int) -> list:
+    """The sentence pairs of `dupe_factor` passes over the split's documents (pairs are static).
+
+    Eval pairs also take `dupe_factor` passes: one pass over a dozen held-out documents gives only
+    a few hundred pairs, and an eval longer than that would count the same NSP labels twice.
+    """
+    for name in ("cls_id", "sep_id", "mask_id"):
+        if getattr(tokenizer, name, None) is None:
+            raise objectives.DataError(
+                f"BERT needs a WordPiece tokenizer with {name}; got {tokenizer!r}"
+            )
+    documents = [d for d in (corpus.sentences(i) for i in range(corpus.num_documents)) if d]
+    if len(documents) < MIN_DOCUMENTS:
+        raise objectives.DataError(
+            f"the {split} split has {len(documents)} non-empty document(s); NSP needs at least two "
+            "(raise data.eval_documents or use a corpus with more documents)"
+        )
+    if split == "train":
+        pair_seed = [seed, objectives.TAG_PAIRS]
+    else:
+        pair_seed = [objectives.EVAL_SEED, objectives.TAG_EVAL]
+    return create_pairs(
+        documents,
+        dupe_factor=data.dupe_factor,
+        max_seq_length=data.seq_len,
+        short_seq_prob=data.short_seq_prob,
+        random_next_prob=data.random_next_prob,
+        rng=np.random.default_rng(pair_seed),
+    )
+
+
+def example_fn(
+    tokenizer: Any, data: Data, split: str, seed: int
+) -> Callable[[int, int, SentencePair], dict[str, np.ndarray]]:
+    """make(position, index, pair) -> a masked example.
+
+    Static masks are keyed by the pair's index, so every epoch sees the same mask; dynamic ones by
+    the position in the stream, which differs each epoch. Eval always uses the stream position with
+    a fixed seed.
+    """
+    spec = masking_spec(tokenizer, data.mask_prob, data.max_predictions, data.whole_word_masking)
+    train = split == "train"
+    dynamic = data.dynamic_masking or not train
+    mask_seed = seed if train else objectives.EVAL_SEED
+    ids = dict(
+        seq_len=data.seq_len, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
+        pad_id=tokenizer.pad_id,
+    )  # fmt: skip
+
+    def make(position: int, index: int, pair: SentencePair) -> dict[str, np.ndarray]:
+        rng = objectives.host_rng(mask_seed, objectives.TAG_MASK, position if dynamic else index)
+        return make_example(pair.tokens_a, pair.tokens_b, pair.is_random_next, rng, spec, **ids)
+
+    return make
+
+
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real (non-padding) input tokens of a host batch."""
+    return int(np.sum(batch["attention_mask"]))
+
+
 # ------------------------------------------------------------------------------------- device side
 
 
@@ -328,36 +488,41 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def loss_weights(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The weight of each loss term: real predictions (MLM, z-loss) and sequences (NSP)."""
+    predictions = jnp.sum(batch["masked_weights"].astype(jnp.float32))
+    sequences = jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)
+    return {"mlm_loss": predictions, "nsp_loss": sequences, "z_loss": predictions}
+
+
 def loss_and_metrics(
     outputs: dict[str, jax.Array], batch: dict[str, jax.Array], z_loss: float = 0.0
-) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
-    """loss = weighted-mean MLM cross-entropy over real predictions (+ z-loss) + mean NSP
-    cross-entropy (float32).
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{name: (sum, weight)}: MLM cross-entropy and accuracy over real predictions (+ z-loss), NSP
+    cross-entropy and accuracy over sequences (float32).
 
-    outputs: mlm_logits [B, P, V], nsp_logits [B, 2]. Metrics are (sum, weight) pairs.
+    outputs: mlm_logits [B, P, V], nsp_logits [B, 2].
     """
-    # A batch with no real predictions contributes zero MLM loss rather than NaN.
-    mlm_loss, mlm = causal_lm.weighted_loss_and_metrics(
+    mlm = causal_lm.weighted_metrics(
         outputs["mlm_logits"], batch["masked_ids"], batch["masked_weights"], z_loss
     )
-
     nsp_logits = outputs["nsp_logits"].astype(jnp.float32)  # [B, 2]
     nsp_labels = batch["next_sentence_labels"].astype(jnp.int32)  # [B]
-    nsp_nll = -jnp.take_along_axis(jax.nn.log_softmax(nsp_logits), nsp_labels[:, None], axis=-1)[
-        :, 0
-    ]
-    nsp_count = jnp.asarray(nsp_labels.shape[0], jnp.float32)
-    nsp_loss = jnp.sum(nsp_nll) / nsp_count
+    log_probs = jax.nn.log_softmax(nsp_logits)
+    nsp_nll = -jnp.take_along_axis(log_probs, nsp_labels[:, None], axis=-1)[:, 0]  # [B]
+    sequences = loss_weights(batch)["nsp_loss"]
     nsp_correct = jnp.sum((jnp.argmax(nsp_logits, axis=-1) == nsp_labels).astype(jnp.float32))
-
-    loss = mlm_loss + nsp_loss
     metrics = {
-        "loss": (loss, jnp.ones((), jnp.float32)),
         "mlm_loss": mlm["loss"],
         "mlm_accuracy": mlm["accuracy"],
-        "nsp_loss": (jnp.sum(nsp_nll), nsp_count),
-        "nsp_accuracy": (nsp_correct, nsp_count),
+        "nsp_loss": (jnp.sum(nsp_nll), sequences),
+        "nsp_accuracy": (nsp_correct, sequences),
     }
     if "z_loss" in mlm:
         metrics["z_loss"] = mlm["z_loss"]
-    return loss, metrics
+    return metrics
+
+
+def derived_metrics(means: Mapping[str, float]) -> dict[str, float]:
+    """No metric beyond the sums' means (the loss is the sum of LOSS_TERMS)."""
+    return {}

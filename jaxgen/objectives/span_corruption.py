@@ -11,20 +11,64 @@ each behind its sentinel, as the target:
     targets  <X> c d <Y> g </s>
 
 Device side (pure jnp, float32): `model_inputs` and `loss_and_metrics` (decoder cross-entropy with
-optional z-loss), sharing the weighted loss with `causal_lm`.
+optional z-loss), sharing the weighted metrics with `causal_lm`. The module implements
+`jaxgen.objectives.Objective`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxgen import objectives
+from jaxgen.config import DataConfig, require
 from jaxgen.objectives import causal_lm
+
+if TYPE_CHECKING:
+    from jaxgen.models.config import ModelConfig
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+MIN_DOCUMENTS = 1
+LOSS_TERMS = ("loss",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(DataConfig):
+    """T5's data: SentencePiece with sentinels; seq_len is the encoder length, the decoder length
+    follows from it (`input_and_target_lengths`); noise_density of the raw tokens is corrupted in
+    spans of mean length mean_noise_span_length."""
+
+    tokenizer: str = "sentencepiece"
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+
+    def check(self) -> None:
+        """Noise settings T5's helper can turn into lengths."""
+        super().check()
+        require(
+            0.0 < self.noise_density < 1.0,
+            f"data.noise_density must be in (0, 1), got {self.noise_density}",
+        )
+        require(
+            self.mean_noise_span_length >= 1.0,
+            f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}",
+        )
+
+
+def check(model: ModelConfig, data: Data) -> None:
+    """Raises ConfigError when the data cannot feed the model (model.max_len bounds the encoder)."""
+    require(
+        data.seq_len <= model.max_len,
+        f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len} (T5's longest "
+        "encoder input)",
+    )
 
 
 def _corrupted_lengths(
@@ -145,6 +189,97 @@ def corrupt(
     }
 
 
+def lengths(data: Data) -> tuple[int, int, int]:
+    """(raw tokens per example, encoder length, decoder length) of the data settings."""
+    raw_len, decoder_len = input_and_target_lengths(
+        data.seq_len, data.noise_density, data.mean_noise_span_length
+    )
+    return raw_len, data.seq_len, decoder_len
+
+
+def batch_spec(data: Data, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Encoder ids/mask [B, Te], decoder input/target ids and mask [B, Td], weights [B, Td]."""
+    _, te, td = lengths(data)
+    enc = jax.ShapeDtypeStruct((batch_size, te), jnp.int32)
+    dec = jax.ShapeDtypeStruct((batch_size, td), jnp.int32)
+    return {
+        "encoder_input_ids": enc,
+        "decoder_input_ids": dec,
+        "decoder_target_ids": dec,
+        "encoder_mask": enc,
+        "decoder_mask": dec,
+        "decoder_weights": jax.ShapeDtypeStruct((batch_size, td), jnp.float32),
+    }
+
+
+def sequence_lengths(data: Data) -> dict[str, int]:
+    """Encoder tokens (inputs), decoder tokens (targets) and scored positions (the targets)."""
+    _, encoder_len, decoder_len = lengths(data)
+    return {"inputs": encoder_len, "targets": decoder_len, "scored": decoder_len}
+
+
+def value_bounds(model: ModelConfig, data: Data) -> dict[str, int]:
+    """Exclusive upper bounds of the integer arrays (XLA would clamp an out-of-range index)."""
+    v = model.vocab_size
+    return {"encoder_input_ids": v, "decoder_input_ids": v, "decoder_target_ids": v,
+            "encoder_mask": 2, "decoder_mask": 2}  # fmt: skip
+
+
+def synthetic_batch(
+    model: ModelConfig, data: Data, batch_size: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Random ids of the spec's shapes; encoder and decoder rows end in padding of random length."""
+    _, te, td = lengths(data)
+    ids = lambda *shape: rng.integers(1, model.vocab_size, shape, dtype=np.int32)  # noqa: E731
+    enc = (np.arange(te)[None] < rng.integers(te // 2, te + 1, batch_size)[:, None]).astype(
+        np.int32
+    )
+    dec = (np.arange(td)[None] < rng.integers(1, td + 1, batch_size)[:, None]).astype(np.int32)
+    targets = ids(batch_size, td) * dec
+    return {
+        "encoder_input_ids": ids(batch_size, te) * enc,
+        "decoder_input_ids": np.pad(targets[:, :-1], ((0, 0), (1, 0))),  # shifted right, start 0
+        "decoder_target_ids": targets,
+        "encoder_mask": enc,
+        "decoder_mask": dec,
+        "decoder_weights": dec.astype(np.float32),
+    }
+
+
+def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int) -> list:
+    """Raw chunks of `lengths(data)[0]` tokens: T5 concatenates documents with no separator."""
+    if not tokenizer.sentinel_ids or tokenizer.eos_id is None:
+        raise objectives.DataError(
+            f"T5 needs a SentencePiece tokenizer with sentinels; got {tokenizer!r}"
+        )
+    raw_len = lengths(data)[0]
+    stream = corpus.ids
+    return list(stream[: len(stream) // raw_len * raw_len].reshape(-1, raw_len))
+
+
+def example_fn(
+    tokenizer: Any, data: Data, split: str, seed: int
+) -> Callable[[int, int, Any], dict[str, np.ndarray]]:
+    """make(position, index, chunk) -> example: noise drawn anew at each stream position."""
+    _, encoder_len, decoder_len = lengths(data)
+    options = dict(
+        noise_density=data.noise_density,
+        mean_noise_span_length=data.mean_noise_span_length,
+        sentinel_start_id=tokenizer.sentinel_id(0),
+        eos_id=tokenizer.eos_id,
+        encoder_len=encoder_len,
+        decoder_len=decoder_len,
+        pad_id=tokenizer.pad_id,
+    )
+    noise_seed = seed if split == "train" else objectives.EVAL_SEED
+
+    def make(position: int, index: int, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        return corrupt(chunk, objectives.host_rng(noise_seed, objectives.TAG_NOISE, position),
+                       **options)  # fmt: skip
+
+    return make
+
+
 def model_inputs(batch: Batch) -> dict[str, jax.Array]:
     """The T5 apply kwargs (encoder ids/mask [B, Te], decoder ids/mask [B, Td]) from a batch."""
     return {
@@ -155,10 +290,24 @@ def model_inputs(batch: Batch) -> dict[str, jax.Array]:
     }
 
 
-def loss_and_metrics(
-    outputs: jax.Array, batch: Batch, z_loss: float = 0.0
-) -> tuple[jax.Array, Metrics]:
-    """Decoder cross-entropy (+ z-loss) of logits [B, Td, V] vs decoder_target_ids; metric sums."""
-    return causal_lm.weighted_loss_and_metrics(
+def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+    """The weight of each loss term: the number of real decoder targets."""
+    total = jnp.sum(batch["decoder_weights"].astype(jnp.float32))
+    return {"loss": total, "z_loss": total}
+
+
+def loss_and_metrics(outputs: jax.Array, batch: Batch, z_loss: float = 0.0) -> Metrics:
+    """{name: (sum, weight)} of decoder logits [B, Td, V] vs decoder_target_ids (+ z-loss)."""
+    return causal_lm.weighted_metrics(
         outputs, batch["decoder_target_ids"], batch["decoder_weights"], z_loss
     )
+
+
+def derived_metrics(means: Mapping[str, float]) -> dict[str, float]:
+    """No metric beyond the sums' means."""
+    return {}
+
+
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real encoder plus decoder tokens of a host batch."""
+    return int(np.sum(batch["encoder_mask"])) + int(np.sum(batch["decoder_mask"]))

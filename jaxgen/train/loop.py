@@ -1,45 +1,43 @@
-"""The training loop: data, sharded steps, evaluation, metrics, checkpoints, resume, preemption."""
+"""The training loop: plan the phases, build or restore the state, run the steps, evaluate, save.
+
+`train` reads top-down: `prepare_workdir`, `plan_phases`, `build_trainer`, `restore_or_init`,
+then `run_steps`, which evaluates with `evaluate` and saves with `save`. Every function takes what
+it needs as arguments; nothing is rebound in a closure.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import os
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxgen import config as config_lib
 from jaxgen import models, objectives, parallel
-from jaxgen.data import corpus as corpus_lib
-from jaxgen.data import pipeline
-from jaxgen.data import tokenizer as tokenizer_lib
+from jaxgen.config import DataConfig, RunConfig
+from jaxgen.data.pipeline import DataIterator
+from jaxgen.data.source import DataSource
+from jaxgen.objectives import Objective
 from jaxgen.train import checkpoint as checkpoint_lib
 from jaxgen.train import optim
 from jaxgen.train import step as step_lib
 from jaxgen.train.metrics import MetricsWriter
+from jaxgen.train.state import TrainState
 
 log = logging.getLogger("jaxgen")
-
-ID_KEYS = (
-    "input_ids",
-    "masked_ids",
-    "target_ids",
-    "encoder_input_ids",
-    "decoder_input_ids",
-    "decoder_target_ids",
-)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,73 +48,223 @@ class Preempted(Exception):
     """Raised after a final checkpoint when SIGTERM or Ctrl-C stopped the run."""
 
 
+# ------------------------------------------------------------------------------------------ plan
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """A contiguous range of steps trained at one sequence length."""
+    """A contiguous range of steps with one data setting and one global batch size.
+
+    start_example: where this phase's train stream begins (phases of a batch ramp continue one
+    stream; a phase with new data settings starts its own).
+    """
 
     index: int
     start: int
     end: int
-    seq_len: int
-    max_predictions: int
+    data: DataConfig
+    batch_size: int
+    start_example: int = 0
 
 
-def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
-    """Turns `train.phases` fractions into step ranges; no phases means one phase over all steps."""
-    num_steps = int(config.train.num_steps)
-    default_pred = int(config.data.get("max_predictions", 0))
-    specs = list(config.train.phases) or [{"fraction": 1.0}]
-    phases, start = [], 0
+def batch_granule(run: RunConfig, mesh: Mesh) -> int:
+    """The unit every global batch size must be a multiple of: micro-batches over data x fsdp
+    devices, and whole rows per process."""
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    granule = math.lcm(data_parallel * run.train.grad_accum, jax.process_count())
+    if run.train.batch_size % granule:
+        raise config_lib.ConfigError(
+            f"train.batch_size={run.train.batch_size} must be divisible by data*fsdp="
+            f"{data_parallel} times train.grad_accum={run.train.grad_accum} (and by the "
+            f"{jax.process_count()} processes)"
+        )
+    return granule
+
+
+def _ramp_batches(run: RunConfig, seq_len: int, granule: int) -> list[tuple[int, float]]:
+    """[(batch size, tokens it trains on)] of the batch ramp's stages ([] without a ramp).
+
+    Stage k of K has the batch nearest start + (full - start) * k / K tokens (a multiple of the
+    granule, at least one granule) and trains on batch_ramp_tokens / K tokens, so the batch grows
+    linearly in tokens seen, in K steps.
+    """
+    train = run.train
+    if not train.batch_ramp_tokens:
+        return []
+    full = train.batch_size * seq_len
+    stages = []
+    for k in range(train.batch_ramp_stages):
+        tokens = train.batch_ramp_start_tokens + (full - train.batch_ramp_start_tokens) * (
+            k / train.batch_ramp_stages
+        )
+        rows = max(granule, round(tokens / seq_len / granule) * granule)
+        share = train.batch_ramp_tokens / train.batch_ramp_stages
+        stages.append((min(rows, train.batch_size), share))
+    if stages[0][0] * seq_len > train.batch_ramp_start_tokens:
+        log.warning(
+            "the batch ramp starts at %d sequences (%d tokens), not %d tokens: a global batch "
+            "must be a multiple of %d (data x fsdp x grad_accum)",
+            stages[0][0], stages[0][0] * seq_len, train.batch_ramp_start_tokens, granule,
+        )  # fmt: skip
+    return stages
+
+
+def plan_phases(run: RunConfig, granule: int) -> list[Phase]:
+    """The run's phases: `train.phases` fractions as step ranges, each split where the batch ramp
+    changes the batch size (consecutive equal batch sizes merged). No phases: one over all steps."""
+    num_steps = run.train.num_steps
+    specs = list(run.train.phases) or [{"fraction": 1.0}]
+    ranges, start = [], 0
     for i, spec in enumerate(specs):
-        end = (
-            num_steps if i == len(specs) - 1 else start + round(float(spec["fraction"]) * num_steps)
-        )
-        phases.append(
-            Phase(
-                index=i,
-                start=start,
-                end=end,
-                seq_len=int(spec.get("seq_len", config.data.seq_len)),
-                max_predictions=int(spec.get("max_predictions", default_pred)),
-            )
-        )
+        last = i == len(specs) - 1
+        end = num_steps if last else start + round(float(spec["fraction"]) * num_steps)
+        ranges.append((start, end, run.phase_data(spec)))
         start = end
-    return [p for p in phases if p.end > p.start]
+    ramp: list[tuple[int, float]] = []
+    pieces: list[tuple[int, int, DataConfig, int]] = []
+    for start, end, data in ranges:
+        if not ramp and not pieces:
+            ramp = _ramp_batches(run, data.seq_len, granule)
+        step = start
+        while step < end:
+            if ramp:
+                rows, tokens = ramp[0]
+                steps = min(math.ceil(tokens / (rows * data.seq_len)), end - step)
+                left = tokens - steps * rows * data.seq_len
+                ramp = [(rows, left), *ramp[1:]] if left > 0 else ramp[1:]
+            else:
+                rows, steps = run.train.batch_size, end - step
+            if pieces and pieces[-1][2] == data and pieces[-1][3] == rows:
+                pieces[-1] = (pieces[-1][0], step + steps, data, rows)
+            else:
+                pieces.append((step, step + steps, data, rows))
+            step += steps
+    phases: list[Phase] = []
+    for start, end, data, rows in pieces:
+        offset = 0
+        if phases and phases[-1].data == data:
+            previous = phases[-1]
+            offset = previous.start_example + (previous.end - previous.start) * previous.batch_size
+        phases.append(Phase(len(phases), start, end, data, rows, offset))
+    return phases
 
 
-def validate_batch(batch: Mapping[str, np.ndarray], model: ml_collections.ConfigDict) -> None:
-    """Checks ids and lengths on the host: XLA would silently clamp an out-of-range index."""
-    for key in ID_KEYS:
-        if key in batch:
-            ids = batch[key]
-            if ids.size and (ids.min() < 0 or ids.max() >= model.vocab_size):
-                raise ValueError(
-                    f"batch['{key}'] has ids in [{ids.min()}, {ids.max()}] but model.vocab_size is "
-                    f"{model.vocab_size}: the tokenizer and the model disagree"
-                )
-    if model.family in ("bert", "gpt") and "input_ids" in batch:
-        length = batch["input_ids"].shape[1]
-        if length > model.max_len:
-            raise ValueError(f"sequence length {length} exceeds model.max_len={model.max_len}")
-        if (
-            "positions" in batch
-            and batch["positions"].size
-            and batch["positions"].max() >= model.max_len
-        ):
-            raise ValueError(
-                f"position {batch['positions'].max()} exceeds model.max_len={model.max_len}"
-            )
-    if model.family == "bert" and batch["segment_ids"].max() >= model.type_vocab_size:
-        raise ValueError(f"segment id {batch['segment_ids'].max()} >= model.type_vocab_size")
+# --------------------------------------------------------------------------------------- trainer
 
 
-def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """Number of real (non-padding) input tokens in a batch."""
-    for key in ("attention_mask", "encoder_mask"):
-        if key in batch:
-            extra = int(np.sum(batch["decoder_mask"])) if key == "encoder_mask" else 0
-            return int(np.sum(batch[key])) + extra
-    return int(np.size(batch["input_ids"]))
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What steps a run: its model, objective, optimizer, state shardings and jitted steps."""
+
+    run: RunConfig
+    mesh: Mesh
+    module: nn.Module
+    objective: Objective
+    optimizer: optax.GradientTransformation
+    shardings: TrainState
+    train_step: Any
+    eval_step: Any
+
+
+def build_trainer(run: RunConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
+    """The run's trainer and a freshly initialised state (seed train.seed) in its shardings."""
+    module = models.build(run.model)
+    objective = objectives.get(run.family)
+    schedule = optim.make_schedule(run.optim, run.train.num_steps)
+    optimizer = optim.make_optimizer(run.optim, run.train.num_steps)
+    options = step_lib.StepOptions(
+        grad_accum=run.train.grad_accum,
+        z_loss=run.train.z_loss,
+        skip_nonfinite_or_spike=run.train.skip_nonfinite_or_spike,
+    )
+    state, shardings = step_lib.create_train_state(
+        module, objective, optimizer, run.data, run.train.seed, mesh
+    )
+    trainer = Trainer(
+        run=run,
+        mesh=mesh,
+        module=module,
+        objective=objective,
+        optimizer=optimizer,
+        shardings=shardings,
+        train_step=step_lib.build_train_step(
+            module, objective, optimizer, schedule, mesh, shardings, options
+        ),
+        eval_step=step_lib.build_eval_step(module, objective, mesh, shardings, options),
+    )
+    return trainer, state
+
+
+def restore_or_init(
+    trainer: Trainer, state: TrainState, ckpt: checkpoint_lib.Checkpointer
+) -> tuple[TrainState, int, dict[str, Any]]:
+    """(state, first step, saved data state): the latest checkpoint, else `train.init_from`'s
+    parameters, else the fresh state."""
+    latest = ckpt.latest_step()
+    # `is not None`: a converted checkpoint (jaxgen convert --from hf) is a real one at step 0.
+    if latest is not None:
+        abstract = checkpoint_lib.abstract_like(state, trainer.shardings)
+        state, data_state = ckpt.restore(latest, abstract)
+        log.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
+        return state, latest, data_state
+    init_from = trainer.run.train.init_from
+    if init_from:
+        _, params = checkpoint_lib.load_params(init_from)
+        state = state.replace(params=jax.device_put(params, trainer.shardings.params))
+        log.info("initialised parameters from %s", init_from)
+    return state, 0, {}
+
+
+# ------------------------------------------------------------------------------------- evaluate
+
+
+class EvalSets:
+    """The held-out batches of each phase's data settings, built once per run."""
+
+    def __init__(self, source: DataSource) -> None:
+        self.source = source
+        self._sets: dict[DataConfig, list[dict[str, np.ndarray]]] = {}
+
+    def batches(self, data: DataConfig) -> list[dict[str, np.ndarray]]:
+        """This process's rows of every eval batch of `data`."""
+        if data not in self._sets:
+            self._sets[data] = list(self.source.dataset("eval", data))
+        return self._sets[data]
+
+
+def evaluate(trainer: Trainer, params: Any, batches: Sequence[dict[str, np.ndarray]]) -> dict:
+    """The objective's metrics over all eval batches, each weighted by its real targets."""
+    sums = [trainer.eval_step(params, parallel.global_batch(b, trainer.mesh)) for b in batches]
+    return objectives.reduce_metrics(trainer.objective, jax.device_get(sums))
+
+
+def check_finite(state: TrainState, step: int, run: RunConfig, ckpt: Any) -> None:
+    """Raises NonFiniteLossError if a loss became NaN/Inf (unless such updates are skipped)."""
+    bad = int(state.nonfinite_step)
+    if bad >= 0 and not run.train.skip_nonfinite_or_spike:
+        last = ckpt.latest_step()
+        where = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
+        raise NonFiniteLossError(
+            f"the loss became NaN or Inf at step {bad + 1}; training stopped at step {step} "
+            f"without saving. Last good checkpoint: {where}. Lower optim.learning_rate, check "
+            "the data, or set train.skip_nonfinite_or_spike=true to skip such updates."
+        )
+
+
+def save(
+    ckpt: checkpoint_lib.Checkpointer,
+    step: int,
+    state: TrainState,
+    phase: Phase,
+    iterator: DataIterator,
+    run: RunConfig,
+) -> None:
+    """Saves the state and the data position at `step`, never a state with a NaN loss."""
+    check_finite(state, step, run, ckpt)
+    ckpt.save(step, state, {"phase": phase.index, "iterator": iterator.get_state()}, force=True)
+
+
+# ------------------------------------------------------------------------------------------ steps
 
 
 class _StopSignal:
@@ -144,232 +292,6 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-class DataSource:
-    """Corpus, tokenizer and per-phase datasets for one run (tokenizer cached in the workdir)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: Path) -> None:
-        data = config.data
-        self.config = config
-        family = config.model.family
-        documents = corpus_lib.load_documents(
-            data.corpus, min_documents=2 if family == "bert" else 1
-        )
-        self.train_docs, self.eval_docs = corpus_lib.split_documents(
-            documents, int(data.eval_documents), int(data.get("split_seed", 0))
-        )
-        cache_dir = Path(data.cache_dir) if data.cache_dir else workdir / "cache"
-        tokenizer_dir = workdir / "tokenizer"
-        if tokenizer_dir.exists():
-            self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-        else:
-            self.tokenizer = tokenizer_lib.build_tokenizer(
-                data, self.train_docs, int(config.model.vocab_size), cache_dir
-            )
-            if jax.process_index() == 0:
-                # Saved under a temporary name and renamed: the other processes of a multi-host run
-                # check for this directory at the same moment and must never load half of it.
-                tmp = Path(tempfile.mkdtemp(prefix="tokenizer.tmp", dir=workdir))
-                self.tokenizer.save(tmp)
-                os.replace(tmp, tokenizer_dir)
-        if self.tokenizer.vocab_size > config.model.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                f"{config.model.vocab_size}; raise model.vocab_size or use a smaller vocabulary"
-            )
-        self.cache_dir = cache_dir
-
-    def dataset(self, split: str, phase: Phase) -> Any:
-        """A phase's train (infinite, shuffled) or eval (fixed) iterator of host-local batches."""
-        return pipeline.build_dataset(
-            self.config,
-            self.tokenizer,
-            split,
-            documents=self.train_docs if split == "train" else self.eval_docs,
-            seed=int(self.config.train.seed),
-            batch_size=int(self.config.train.batch_size) // jax.process_count(),
-            seq_len=phase.seq_len,
-            max_predictions=phase.max_predictions,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_batches=int(self.config.train.eval_steps) if split == "eval" else None,
-            cache_dir=self.cache_dir,
-        )
-
-
-def _reduce(sums_list: list[dict[str, tuple[Any, Any]]]) -> dict[str, float]:
-    totals: dict[str, list[float]] = {}
-    for sums in jax.device_get(sums_list):
-        for key, (s, w) in sums.items():
-            acc = totals.setdefault(key, [0.0, 0.0])
-            acc[0] += float(s)
-            acc[1] += float(w)
-    return {k: s / max(w, 1e-8) for k, (s, w) in totals.items()}
-
-
-def _derived(family: str, metrics: dict[str, float]) -> dict[str, float]:
-    if family == "gpt" and "loss" in metrics:
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-    return metrics
-
-
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
-    """Trains (or resumes) the run in `workdir` to `train.num_steps`; returns the eval rows."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    primary = jax.process_index() == 0
-    config_lib.validate(config)
-    _check_saved_config(config, workdir)
-    if primary:
-        config_lib.save_config(config, workdir / "config.json")
-
-    family = config.model.family
-    mesh = parallel.make_mesh(config.mesh)
-    batch_size = int(config.train.batch_size)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % (data_parallel * config.train.grad_accum):
-        raise config_lib.ConfigError(
-            f"train.batch_size={batch_size} must be divisible by data*fsdp={data_parallel} "
-            f"times train.grad_accum={config.train.grad_accum}"
-        )
-    data = DataSource(config, workdir)
-    phases = resolve_phases(config)
-    module = models.build(config.model)
-    objective = objectives.get(family)
-    num_steps = int(config.train.num_steps)
-    schedule = optim.make_schedule(config.optim, num_steps)
-    optimizer = optim.make_optimizer(config.optim, num_steps)
-    options = step_lib.StepOptions(
-        grad_accum=int(config.train.grad_accum),
-        z_loss=float(config.train.get("z_loss", 0.0)),
-        skip_nonfinite_or_spike=bool(config.train.skip_nonfinite_or_spike),
-    )
-
-    eval_sets: dict[int, list[dict[str, np.ndarray]]] = {}
-
-    def eval_batches(phase: Phase) -> list[dict[str, np.ndarray]]:
-        if phase.seq_len not in eval_sets:
-            eval_sets[phase.seq_len] = list(data.dataset("eval", phase))
-        return eval_sets[phase.seq_len]
-
-    sample = eval_batches(phases[0])[0]
-    state, shardings = step_lib.create_train_state(
-        module, objective, optimizer, sample, int(config.train.seed), mesh
-    )
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir,
-        max_to_keep=int(config.train.max_to_keep),
-        keep_best=bool(config.train.keep_best),
-    )
-    latest = ckpt.latest_step()
-    start = latest or 0
-    data_state: dict[str, Any] = {}
-    # `is not None`: a converted checkpoint (jaxgen convert --from hf) is a real one at step 0.
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, checkpoint_lib.abstract_like(state, shardings))
-        log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
-    elif config.train.get("init_from"):
-        _, params = checkpoint_lib.load_params(config.train.init_from)
-        state = state.replace(params=jax.device_put(params, shardings.params))
-        log.info("initialised parameters from %s", config.train.init_from)
-
-    train_step = step_lib.build_train_step(
-        module, objective, optimizer, schedule, mesh, shardings, options
-    )
-    eval_step = step_lib.build_eval_step(module, objective, mesh, shardings, options)
-    writer = MetricsWriter(workdir, enabled=primary, resume_step=start)
-    eval_rows: list[dict[str, Any]] = []
-
-    def evaluate(step: int, phase: Phase) -> dict[str, float]:
-        sums = [
-            eval_step(state.params, parallel.global_batch(b, mesh)) for b in eval_batches(phase)
-        ]
-        metrics = _derived(family, _reduce(sums))
-        row = writer.write(step, "eval", metrics)
-        eval_rows.append(row)
-        ckpt.save_best(step, state, metrics["loss"])
-        return metrics
-
-    def check_finite(step: int) -> None:
-        bad = int(state.nonfinite_step)
-        if bad >= 0 and not options.skip_nonfinite_or_spike:
-            last = ckpt.latest_step()
-            where = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
-            raise NonFiniteLossError(
-                f"the loss became NaN or Inf at step {bad + 1}; training stopped at step {step} "
-                f"without saving. Last good checkpoint: {where}. Lower optim.learning_rate, check "
-                "the data, or set train.skip_nonfinite_or_spike=true to skip such updates."
-            )
-
-    def save(step: int) -> None:
-        check_finite(step)
-        ckpt.save(step, state, {"phase": phase.index, "iterator": iterator.get_state()}, force=True)
-
-    phase = next(p for p in phases if p.start <= start < p.end) if start < num_steps else phases[-1]
-    if start == 0:
-        evaluate(0, phase)
-    iterator = data.dataset("train", phase)
-    if latest is not None and data_state.get("phase") == phase.index and "iterator" in data_state:
-        iterator.set_state(data_state["iterator"])
-
-    pending: list[dict[str, Any]] = []
-    last_time, last_step, tokens = time.perf_counter(), start, 0
-    bar = tqdm(
-        total=num_steps,
-        initial=start,
-        desc=f"train {family}",
-        disable=not primary,
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-    )
-    try:
-        with _StopSignal() as stop:
-            for step in range(start, num_steps):
-                if step >= phase.end:
-                    phase = phases[phase.index + 1]
-                    iterator = data.dataset("train", phase)
-                local = next(iterator)
-                validate_batch(local, config.model)
-                tokens += batch_tokens(local) * jax.process_count()
-                state, metrics = train_step(state, parallel.global_batch(local, mesh))
-                pending.append(metrics)
-                done = step + 1
-                if done % config.train.log_every == 0 or done == num_steps:
-                    values = {
-                        k: float(np.mean(v)) for k, v in jax.device_get(_stack(pending)).items()
-                    }
-                    pending.clear()
-                    check_finite(done)
-                    elapsed = time.perf_counter() - last_time
-                    values["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
-                    values["steps_per_sec"] = (done - last_step) / max(elapsed, 1e-9)
-                    writer.write(done, "train", _derived(family, values))
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-                    last_time, last_step, tokens = time.perf_counter(), done, 0
-                if done % config.train.eval_every == 0 or done == num_steps:
-                    check_finite(done)
-                    metrics_eval = evaluate(done, phase)
-                    bar.write(f"step {done}: eval loss {metrics_eval['loss']:.4f}")
-                if done % config.train.checkpoint_every == 0 or done == num_steps:
-                    save(done)
-                bar.update(1)
-                if _agreed_stop(stop.received is not None):
-                    save(done)
-                    ckpt.wait()
-                    raise Preempted(
-                        f"{stop.received or 'SIGTERM on another host'} received: "
-                        f"saved a checkpoint at step {done} in "
-                        f"{ckpt.directory}; run the same command again to resume"
-                    )
-        ckpt.wait()
-        if primary:
-            (workdir / "DONE").write_text(f"{num_steps}\n")
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-    return eval_rows
-
-
 def _agreed_stop(local: bool) -> bool:
     """Whether any process was asked to stop: all processes must checkpoint at the same step."""
     if jax.process_count() == 1:
@@ -379,24 +301,163 @@ def _agreed_stop(local: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
-def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
+def _train_iterator(source: DataSource, phase: Phase, data_state: dict[str, Any]) -> DataIterator:
+    """The phase's train stream, at the saved position when the checkpoint was taken in it."""
+    iterator = source.dataset(
+        "train", phase.data, global_batch_size=phase.batch_size, start_example=phase.start_example
+    )
+    if data_state.get("phase") == phase.index and "iterator" in data_state:
+        iterator.set_state(data_state["iterator"])
+    return iterator
 
 
-def _check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Refuses to resume a run whose model or data settings changed; other changes are reported."""
+def train_row(
+    objective: Objective, pending: list[dict[str, Any]], tokens: int, seconds: float, steps: int
+) -> dict[str, float]:
+    """The train metrics of the steps since the last log: their means, the derived metrics,
+    tokens/s and steps/s."""
+    stacked = jax.device_get({k: jnp.stack([m[k] for m in pending]) for k in pending[0]})
+    values = {k: float(np.mean(v)) for k, v in stacked.items()}
+    values.update(objective.derived_metrics(values))
+    seconds = max(seconds, 1e-9)
+    values.update(tokens_per_sec=tokens / seconds, steps_per_sec=steps / seconds)
+    return values
+
+
+def eval_row(
+    trainer: Trainer,
+    state: TrainState,
+    step: int,
+    data: DataConfig,
+    eval_sets: EvalSets,
+    writer: MetricsWriter,
+    ckpt: checkpoint_lib.Checkpointer,
+) -> dict[str, Any]:
+    """Evaluates the state, writes the eval row, keeps the best checkpoint; returns the row."""
+    metrics = evaluate(trainer, state.params, eval_sets.batches(data))
+    ckpt.save_best(step, state, metrics["loss"])
+    return writer.write(step, "eval", metrics)
+
+
+def run_steps(
+    trainer: Trainer,
+    state: TrainState,
+    start: int,
+    phases: Sequence[Phase],
+    data_state: dict[str, Any],
+    source: DataSource,
+    eval_sets: EvalSets,
+    writer: MetricsWriter,
+    ckpt: checkpoint_lib.Checkpointer,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains from `start` to train.num_steps: logs, evaluates and saves on their intervals, and
+    after SIGTERM/Ctrl-C saves and raises Preempted. Returns the state and the eval rows."""
+    run, train = trainer.run, trainer.run.train
+    phase = next((p for p in phases if p.start <= start < p.end), phases[-1])
+    eval_rows = (
+        [eval_row(trainer, state, 0, phase.data, eval_sets, writer, ckpt)] if not start else []
+    )
+    iterator = _train_iterator(source, phase, data_state)
+    pending: list[dict[str, Any]] = []
+    last_time, last_step, tokens = time.perf_counter(), start, 0
+    bar = tqdm(
+        total=train.num_steps,
+        initial=start,
+        desc=f"train {run.family}",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
+    try:
+        with _StopSignal() as stop:
+            for step in range(start, train.num_steps):
+                if step >= phase.end:
+                    phase = phases[phase.index + 1]
+                    iterator = _train_iterator(source, phase, {})
+                local = next(iterator)
+                tokens += trainer.objective.count_tokens(local) * jax.process_count()
+                state, metrics = trainer.train_step(
+                    state, parallel.global_batch(local, trainer.mesh)
+                )
+                pending.append(metrics)
+                done = step + 1
+                last = done == train.num_steps
+                if done % train.log_every == 0 or last:
+                    check_finite(state, done, run, ckpt)
+                    elapsed = time.perf_counter() - last_time
+                    values = train_row(
+                        trainer.objective, pending, tokens, elapsed, done - last_step
+                    )
+                    writer.write(done, "train", {**values, "batch_size": phase.batch_size})
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+                    pending, last_time, last_step, tokens = [], time.perf_counter(), done, 0
+                if done % train.eval_every == 0 or last:
+                    check_finite(state, done, run, ckpt)
+                    row = eval_row(trainer, state, done, phase.data, eval_sets, writer, ckpt)
+                    eval_rows.append(row)
+                    bar.write(f"step {done}: eval loss {float(row['loss']):.4f}")
+                if done % train.checkpoint_every == 0 or last:
+                    save(ckpt, done, state, phase, iterator, run)
+                bar.update(1)
+                if _agreed_stop(stop.received is not None):
+                    save(ckpt, done, state, phase, iterator, run)
+                    ckpt.wait()
+                    raise Preempted(
+                        f"{stop.received or 'SIGTERM on another host'} received: saved a "
+                        f"checkpoint at step {done} in {ckpt.directory}; run the same command "
+                        "again to resume"
+                    )
+    finally:
+        bar.close()
+    return state, eval_rows
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def prepare_workdir(run: RunConfig, workdir: Path) -> None:
+    """Creates the workdir and writes config.json; refuses to resume with other model or data
+    settings (other changes are logged)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     saved = workdir / "config.json"
-    if not saved.exists() or not (workdir / "checkpoints").exists():
-        return
-    old = config_lib.with_saved_defaults(config_lib.to_dict(config_lib.load_saved_config(saved)))
-    new = config_lib.to_dict(config)
-    new.setdefault("data", {}).setdefault("split_seed", 0)  # DataSource's default
-    changes = config_lib.diff(old, new)
-    fatal = [c for c in changes if c.startswith(("model.", "data."))]
-    if fatal:
-        raise config_lib.ConfigError(
-            f"{workdir} holds a run with a different model or data config ({'; '.join(fatal)}); "
-            "use a new --workdir, or the saved settings"
-        )
-    for change in changes:
-        log.warning("resuming with a changed setting: %s", change)
+    if saved.exists() and (workdir / "checkpoints").exists():
+        old = config_lib.load_saved_config(saved).to_dict()
+        changes = config_lib.diff(old, run.to_dict())
+        fatal = [c for c in changes if c.startswith(("model.", "data."))]
+        if fatal:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a run with a different model or data config "
+                f"({'; '.join(fatal)}); use a new --workdir, or the saved settings"
+            )
+        for change in changes:
+            log.warning("resuming with a changed setting: %s", change)
+    if jax.process_index() == 0:
+        config_lib.save_config(run, saved)
+
+
+def train(run: RunConfig, workdir: str | Path) -> list[dict[str, Any]]:
+    """Trains (or resumes) the run in `workdir` to train.num_steps; returns the eval rows."""
+    workdir = Path(workdir)
+    prepare_workdir(run, workdir)
+    mesh = parallel.make_mesh(run.mesh)
+    phases = plan_phases(run, batch_granule(run, mesh))
+    source = DataSource(run, workdir)
+    trainer, state = build_trainer(run, mesh)
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, max_to_keep=run.train.max_to_keep, keep_best=run.train.keep_best
+    )
+    try:
+        state, start, data_state = restore_or_init(trainer, state, ckpt)
+        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+        try:
+            state, eval_rows = run_steps(
+                trainer, state, start, phases, data_state, source, EvalSets(source), writer, ckpt
+            )
+        finally:
+            writer.close()
+        ckpt.wait()
+        if jax.process_index() == 0:
+            (workdir / "DONE").write_text(f"{run.train.num_steps}\n")
+    finally:
+        ckpt.close()
+    return eval_rows

@@ -2,16 +2,16 @@
 tensor) mesh.
 
 A step is `train_step(state, batch) -> (state, metrics)`: a pure function of the state (which
-carries the base rng) and the batch. Objectives return `{name: (sum, weight)}`; the step turns
-those into means.
+carries the base rng) and the batch. Objectives return `{name: (sum, weight)}`; the step divides
+every micro-batch's loss sums by the weights of the whole global batch, so accumulating any number
+of micro-batches gives the full batch's loss and gradient exactly, however the real targets
+(masked positions, padding, packed documents) fall among them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
-from types import ModuleType
 from typing import Any
 
 import jax
@@ -20,7 +20,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from jaxgen import parallel
+from jaxgen import objectives, parallel
+from jaxgen.config import DataConfig
+from jaxgen.objectives import Objective
 from jaxgen.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -42,40 +44,39 @@ class StepOptions:
     skip_nonfinite_or_spike: bool = False
 
 
-def mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager:
-    """The mesh and logical-axis rules that tracing a model needs for its sharding constraints."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(parallel.axis_rules())
-    return stack
-
-
-def init_params_fn(module: nn.Module, objective: ModuleType, sample_batch: Batch) -> Callable:
-    """A function rng -> boxed params (with logical-axis metadata) for eval_shape or jit."""
-    inputs = objective.model_inputs({k: jnp.asarray(v) for k, v in sample_batch.items()})
+def init_params_fn(module: nn.Module, objective: Objective, data: DataConfig) -> Callable:
+    """A function rng -> boxed params (with logical-axis metadata), from the objective's batch spec
+    (nothing is read from data), for eval_shape or jit."""
+    spec = objective.batch_spec(data, 1)
 
     def init(rng: jax.Array) -> Any:
+        batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}
+        inputs = objective.model_inputs(batch)
         return module.init({"params": rng}, **inputs, deterministic=True)["params"]
 
     return init
 
 
+def abstract_params(module: nn.Module, objective: Objective, data: DataConfig) -> Any:
+    """The boxed parameter tree as ShapeDtypeStructs (no memory, no devices)."""
+    return jax.eval_shape(init_params_fn(module, objective, data), jax.random.key(0))
+
+
 def create_train_state(
     module: nn.Module,
-    objective: ModuleType,
+    objective: Objective,
     optimizer: optax.GradientTransformation,
-    sample_batch: Batch,
+    data: DataConfig,
     seed: int,
     mesh: Mesh,
 ) -> tuple[TrainState, TrainState]:
     """Parameters and optimizer state initialised in their shardings: (state, shardings)."""
-    init = init_params_fn(module, objective, sample_batch)
+    init = init_params_fn(module, objective, data)
     rng = jax.random.key(seed)
-    with mesh_context(mesh):
+    with parallel.mesh_context(mesh):
         boxed = jax.eval_shape(init, rng)
         param_shardings = parallel.logical_shardings(boxed, mesh)
-        abstract_params = parallel.strip_boxes(boxed)
-        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        abstract_opt = jax.eval_shape(optimizer.init, parallel.strip_boxes(boxed))
         opt_shardings = optax.tree_map_params(
             optimizer,
             lambda leaf, sharding: NamedSharding(
@@ -115,85 +116,145 @@ def _split_micro(batch: Batch, grad_accum: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _means(sums: Mapping[str, tuple[jax.Array, jax.Array]]) -> Metrics:
-    return {k: s / jnp.maximum(w, 1e-8) for k, (s, w) in sums.items()}
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
 
 
-def build_train_step(
-    module: nn.Module,
-    objective: ModuleType,
+# (params, batch, rng, weights) -> ((loss, sums), grads)
+GradFn = Callable[[Any, Batch, jax.Array, Mapping[str, jax.Array]], tuple[tuple[Any, Any], Any]]
+
+
+def accumulate_gradients(
+    grad_fn: GradFn,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    grad_accum: int,
+    weights: Mapping[str, jax.Array],
+    constrain: Callable[[Batch], Batch] = lambda b: b,
+) -> tuple[Any, dict[str, tuple[jax.Array, jax.Array]]]:
+    """(gradient of the global batch's loss, summed metric sums) over `grad_accum` micro-batches.
+
+    `weights` are the loss terms' weights in the whole batch: each micro-batch's loss is its sums
+    over them, so the micro-batch gradients add up to the full batch's. Micro-batch i draws its
+    dropout from fold_in(rng, i); `constrain` shards a micro-batch like a batch.
+    """
+    if grad_accum == 1:
+        (_, sums), grads = grad_fn(params, batch, rng, weights)
+        return grads, sums
+    micro = _split_micro(batch, grad_accum)
+
+    def body(carry: Any, xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+        grads_acc, sums_acc = carry
+        mb, i = xs
+        (_, sums), grads = grad_fn(params, constrain(mb), jax.random.fold_in(rng, i), weights)
+        return (_add(grads_acc, grads), _add(sums_acc, sums)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, sums_shape = jax.eval_shape(lambda: grad_fn(params, first, rng, weights))[0]
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+    start = (jax.tree.map(jnp.zeros_like, params), zeros(sums_shape))
+    (grads, sums), _ = jax.lax.scan(body, start, (micro, jnp.arange(grad_accum)))
+    return grads, sums
+
+
+def guarded_update(
+    state: TrainState,
+    grads: Any,
+    loss: jax.Array,
     optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    mesh: Mesh,
-    state_shardings: TrainState,
-    options: StepOptions = StepOptions(),
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Returns the jitted `train_step(state, batch) -> (state, metrics)` with explicit shardings."""
+    skip_nonfinite_or_spike: bool,
+) -> tuple[TrainState, jax.Array]:
+    """The state after one optimizer update, and the gradient norm.
 
-    def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any]:
+    A NaN/Inf loss or gradient is recorded in `nonfinite_step`; with `skip_nonfinite_or_spike`
+    such an update, or one whose loss exceeds SPIKE_FACTOR x its running mean, is skipped (params
+    and optimizer state kept) and counted in `skipped`.
+    """
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skip = jnp.zeros((), bool)
+    if skip_nonfinite_or_spike:
+        spike = (state.step >= SPIKE_WARMUP_STEPS) & (loss > SPIKE_FACTOR * state.loss_ema)
+        skip = ~finite | spike
+        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+        params = keep_old(params, state.params)
+        opt_state = keep_old(opt_state, state.opt_state)
+    ema = jnp.where(state.step == 0, loss, EMA_DECAY * state.loss_ema + (1 - EMA_DECAY) * loss)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        loss_ema=jnp.where(finite & ~skip, ema, state.loss_ema),
+        skipped=state.skipped + skip.astype(jnp.int32),
+        nonfinite_step=jnp.where(
+            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+        ),
+    )
+    return new_state, grad_norm
+
+
+def means(
+    objective: Objective, sums: Mapping[str, tuple[jax.Array, jax.Array]]
+) -> dict[str, jax.Array]:
+    """Each metric's sum over its weight, and `loss`: the sum of the LOSS_TERMS means."""
+    out = {k: s / jnp.maximum(w, 1e-8) for k, (s, w) in sums.items()}
+    out["loss"] = sum(out[t] for t in objective.LOSS_TERMS)
+    return out
+
+
+def make_grad_fn(module: nn.Module, objective: Objective, z_loss: float) -> GradFn:
+    """(params, batch, rng, weights) -> ((loss, sums), grads) of the model with dropout on."""
+
+    def loss_fn(params: Any, batch: Batch, rng: jax.Array, weights: Any) -> tuple[Any, Any]:
         outputs = module.apply(
             {"params": params},
             **objective.model_inputs(batch),
             deterministic=False,
             rngs={"dropout": rng},
         )
-        loss, sums = objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
-        return loss, sums
+        sums = objective.loss_and_metrics(outputs, batch, z_loss=z_loss)
+        return objectives.objective_value(objective, sums, weights), sums
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def build_train_step(
+    module: nn.Module,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    options: StepOptions = StepOptions(),
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Returns the jitted `train_step(state, batch) -> (state, metrics)` with explicit shardings.
+
+    Metrics: every objective metric's mean over the global batch, `loss`, `grad_norm`,
+    `learning_rate` and `skipped`. Each global batch size compiles once.
+    """
+    grad_fn = make_grad_fn(module, objective, options.z_loss)
+    sharding = parallel.batch_sharding(mesh)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        rng = state.step_key()
-        if options.grad_accum == 1:
-            (loss, sums), grads = grad_fn(state.params, batch, rng)
-        else:
-            micro = _split_micro(batch, options.grad_accum)
-
-            def body(carry: Any, xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
-                grads_acc, loss_acc, sums_acc = carry
-                mb, i = xs
-                mb = jax.lax.with_sharding_constraint(mb, parallel.batch_sharding(mesh))
-                (loss, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                add = lambda a, b: jax.tree.map(jnp.add, a, b)
-                return (add(grads_acc, grads), loss_acc + loss, add(sums_acc, sums)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            first = jax.tree.map(lambda x: x[0], micro)
-            sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
-            sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-            (grads, loss, sums), _ = jax.lax.scan(
-                body,
-                (zeros, jnp.zeros((), jnp.float32), sums0),
-                (micro, jnp.arange(options.grad_accum)),
-            )
-            grads = jax.tree.map(lambda g: g / options.grad_accum, grads)
-            loss = loss / options.grad_accum
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        skip = jnp.zeros((), bool)
-        if options.skip_nonfinite_or_spike:
-            spike = (state.step >= SPIKE_WARMUP_STEPS) & (loss > SPIKE_FACTOR * state.loss_ema)
-            skip = ~finite | spike
-            keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
-            params = keep_old(params, state.params)
-            opt_state = keep_old(opt_state, state.opt_state)
-        ema = jnp.where(state.step == 0, loss, EMA_DECAY * state.loss_ema + (1 - EMA_DECAY) * loss)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            loss_ema=jnp.where(finite & ~skip, ema, state.loss_ema),
-            skipped=state.skipped + skip.astype(jnp.int32),
-            nonfinite_step=jnp.where(
-                (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
-            ),
+        weights = objective.loss_weights(batch)
+        grads, sums = accumulate_gradients(
+            grad_fn,
+            state.params,
+            batch,
+            state.step_key(),
+            options.grad_accum,
+            weights,
+            lambda mb: jax.lax.with_sharding_constraint(mb, sharding),
         )
-        metrics = _means(sums)
+        loss = objectives.objective_value(objective, sums, weights)
+        new_state, grad_norm = guarded_update(
+            state, grads, loss, optimizer, options.skip_nonfinite_or_spike
+        )
+        metrics = means(objective, sums)
         metrics.update(
-            loss=loss,
             grad_norm=grad_norm,
             learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
             skipped=new_state.skipped.astype(jnp.float32),
@@ -202,13 +263,13 @@ def build_train_step(
 
     jitted = jax.jit(
         step,
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        in_shardings=(state_shardings, sharding),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        with mesh_context(mesh):
+        with parallel.mesh_context(mesh):
             return jitted(state, batch)
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
@@ -217,7 +278,7 @@ def build_train_step(
 
 def build_eval_step(
     module: nn.Module,
-    objective: ModuleType,
+    objective: Objective,
     mesh: Mesh,
     state_shardings: TrainState,
     options: StepOptions = StepOptions(),
@@ -228,8 +289,7 @@ def build_eval_step(
         outputs = module.apply(
             {"params": params}, **objective.model_inputs(batch), deterministic=True
         )
-        _, sums = objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
-        return sums
+        return objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
 
     jitted = jax.jit(
         step,
@@ -238,7 +298,7 @@ def build_eval_step(
     )
 
     def eval_step(params: Any, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
-        with mesh_context(mesh):
+        with parallel.mesh_context(mesh):
             return jitted(params, batch)
 
     return eval_step

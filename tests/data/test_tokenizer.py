@@ -3,6 +3,7 @@ trips."""
 
 import pytest
 
+from jaxgen.config import ConfigError
 from jaxgen.data.tokenizer import (
     NUM_SENTINELS,
     TokenizerError,
@@ -102,7 +103,7 @@ def test_load_plain_vocabulary_files(tokenizers, tmp_path):
         assert loaded.vocab_size == tok.vocab_size
         assert loaded.encode(TEXT) == tok.encode(TEXT)
         via_config = build_tokenizer(
-            data_config(family, data__vocab_path=str(source[kind])).data, [], VOCAB_SIZE, tmp_path
+            data_config(family, f"data.vocab_path={source[kind]}").data, [], VOCAB_SIZE, tmp_path
         )
         assert via_config.encode(TEXT) == tok.encode(TEXT)
 
@@ -115,5 +116,7 @@ def test_bad_vocabulary(tmp_path):
         load_vocabulary("wordpiece", tmp_path / "vocab.txt", True)
     with pytest.raises(TokenizerError, match="holds no saved tokenizer"):
         load_tokenizer(tmp_path)
-    with pytest.raises(TokenizerError, match="must be one of"):
-        build_tokenizer(data_config("bert", data__tokenizer="chars").data, [["a"]], 100, tmp_path)
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'chars'"):
+        load_vocabulary("chars", tmp_path / "vocab.txt", True)
+    with pytest.raises(ConfigError, match="data.tokenizer must be one of wordpiece, bpe"):
+        data_config("bert", "data.tokenizer=chars")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from tests.models.tiny import BF16_RTOL, F32_ATOL, apply_fn, model
-from tests.models.tiny import module as build_module
+from tests.models.tiny_models import BF16_RTOL, F32_ATOL, apply_fn, model
+from tests.models.tiny_models import module as build_module
 
 B, T, V = 2, 8, 100
 

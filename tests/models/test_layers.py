@@ -11,9 +11,8 @@ import pytest
 from flax import linen as nn
 
 from jaxgen.kernels.attention import relative_position_bucket
-from jaxgen.models import ModelConfig, build
 from jaxgen.models.layers import LayerNorm, MultiHeadAttention, RMSNorm, layer_norm, rms_norm
-from tests.models.tiny import COMMON, F32_ATOL, model
+from tests.models.tiny_models import F32_ATOL, model
 
 LOGICAL_NAMES = {
     "batch",
@@ -51,19 +50,6 @@ def test_causal_buckets_match_hand_computed():
     want = [0, 0, 0, 1, 15, 16, 17, 21, 31]
     got = _buckets(rel, False)
     np.testing.assert_array_equal(got, want)
-
-
-def test_config_rejects_unknown_key_with_nearest_name():
-    with pytest.raises(ValueError, match="did you mean 'num_heads'"):
-        ModelConfig.from_mapping({"family": "gpt", **COMMON, "num_head": 3})
-    with pytest.raises(ValueError, match="family"):
-        build({**COMMON, "family": "rnn"})
-
-
-def test_config_family_defaults():
-    assert ModelConfig.from_mapping({"family": "bert", **COMMON}).layer_norm_eps == 1e-12
-    t5 = ModelConfig.from_mapping({"family": "t5", **COMMON})
-    assert t5.layer_norm_eps == 1e-6 and t5.num_decoder_layers == COMMON["num_layers"]
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt", "t5"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.models.layers import add_vocab_bias
-from tests.models.tiny import F32_ATOL
+from tests.models.tiny_models import F32_ATOL
 
 
 def test_add_vocab_bias_matches_plain_add() -> None:

@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen import objectives
 from jaxgen.objectives import causal_lm
+
+
+def loss_and_metrics(outputs, batch, z_loss=0.0):
+    """(the optimized loss, the metric sums) of the objective."""
+    sums = causal_lm.loss_and_metrics(outputs, batch, z_loss)
+    return objectives.objective_value(causal_lm, sums), sums
+
 
 F32_RTOL = 1e-5  # float32 sums over a few dozen terms
 EOS = 0
@@ -88,7 +96,7 @@ def test_weighted_cross_entropy_and_accuracy_match_hand_computation():
     log_probs = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
     ce = -np.take_along_axis(log_probs, batch["target_ids"][..., None], -1)[..., 0]
     w = batch["weights"]
-    loss, metrics = jax.jit(causal_lm.loss_and_metrics)(logits, batch)
+    loss, metrics = jax.jit(loss_and_metrics)(logits, batch)
     np.testing.assert_allclose(loss, (ce * w).sum() / w.sum(), rtol=F32_RTOL)
     np.testing.assert_allclose(metrics["loss"][0], (ce * w).sum(), rtol=F32_RTOL)
     assert metrics["loss"][1] == w.sum() == metrics["accuracy"][1]
@@ -99,7 +107,7 @@ def test_weighted_cross_entropy_and_accuracy_match_hand_computation():
 def test_perfect_prediction_has_full_accuracy():
     _, batch = make_batch()
     logits = jax.nn.one_hot(batch["target_ids"], 13) * 50.0
-    loss, metrics = causal_lm.loss_and_metrics(logits, batch)
+    loss, metrics = loss_and_metrics(logits, batch)
     assert metrics["accuracy"][0] == metrics["accuracy"][1] and float(loss) < 1e-6
 
 
@@ -109,27 +117,27 @@ def test_padding_is_ignored_and_gets_no_gradient():
     changed[batch["weights"] == 0] += (
         np.random.default_rng(1).normal(size=13).astype(np.float32) * 10
     )
-    a, _ = causal_lm.loss_and_metrics(logits, batch)
-    b, _ = causal_lm.loss_and_metrics(changed, batch)
+    a, _ = loss_and_metrics(logits, batch)
+    b, _ = loss_and_metrics(changed, batch)
     np.testing.assert_allclose(a, b, rtol=F32_RTOL)
-    grads = jax.grad(lambda x: causal_lm.loss_and_metrics(x, batch)[0])(jnp.asarray(logits))
+    grads = jax.grad(lambda x: loss_and_metrics(x, batch)[0])(jnp.asarray(logits))
     assert (grads[batch["weights"] == 0] == 0).all()
 
 
 def test_all_padding_batch_gives_zero_not_nan():
     logits, batch = make_batch()
     batch = dict(batch, weights=np.zeros_like(batch["weights"]))
-    loss, metrics = causal_lm.loss_and_metrics(logits, batch)
+    loss, metrics = loss_and_metrics(logits, batch)
     assert float(loss) == 0.0 and metrics["loss"][1] == 0
-    assert np.isfinite(jax.grad(lambda x: causal_lm.loss_and_metrics(x, batch)[0])(logits)).all()
+    assert np.isfinite(jax.grad(lambda x: loss_and_metrics(x, batch)[0])(logits)).all()
 
 
 def test_z_loss_adds_weighted_squared_log_partition():
     logits, batch = make_batch()
     w = batch["weights"]
     log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-    plain, _ = causal_lm.loss_and_metrics(logits, batch)
-    loss, metrics = causal_lm.loss_and_metrics(logits, batch, z_loss=1e-2)
+    plain, _ = loss_and_metrics(logits, batch)
+    loss, metrics = loss_and_metrics(logits, batch, z_loss=1e-2)
     expected_z = 1e-2 * (log_z**2 * w).sum() / w.sum()
     # The difference of two float32 losses loses a few digits.
     np.testing.assert_allclose(loss - plain, expected_z, rtol=1e-4)
@@ -140,5 +148,5 @@ def test_z_loss_adds_weighted_squared_log_partition():
 
 def test_bfloat16_logits_are_upcast():
     logits, batch = make_batch()
-    loss, _ = causal_lm.loss_and_metrics(jnp.asarray(logits, jnp.bfloat16), batch)
+    loss, _ = loss_and_metrics(jnp.asarray(logits, jnp.bfloat16), batch)
     assert loss.dtype == jnp.float32

@@ -1,12 +1,20 @@
 """MLM + NSP: pair creation, truncation, layout, masking statistics and the loss, on synthetic token
 ids."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgen import objectives
 from jaxgen.objectives import mlm_nsp
+
+
+def loss_and_metrics(outputs, batch, z_loss=0.0):
+    """(the optimized loss, the metric sums) of the objective."""
+    sums = mlm_nsp.loss_and_metrics(outputs, batch, z_loss)
+    return objectives.objective_value(mlm_nsp, sums), sums
+
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB = 1000
@@ -221,7 +229,7 @@ def _outputs_and_batch(seed=0, B=4, P=6, V=50):
 
 def test_loss_matches_reference_and_ignores_padding_predictions():
     outputs, batch = _outputs_and_batch()
-    loss, metrics = mlm_nsp.loss_and_metrics(outputs, batch)
+    loss, metrics = loss_and_metrics(outputs, batch)
 
     logits, labels, w = outputs["mlm_logits"], batch["masked_ids"], batch["masked_weights"]
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -234,22 +242,25 @@ def test_loss_matches_reference_and_ignores_padding_predictions():
     s, wt = metrics["mlm_loss"]
     np.testing.assert_allclose(s / wt, mlm, rtol=1e-5)
     assert float(wt) == w.sum()
-    assert set(metrics) == {"loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"}
+    assert set(metrics) == {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"}
+    # The reported loss is the sum of the two weighted means, as the optimized one.
+    reduced = objectives.reduce_metrics(mlm_nsp, [jax.device_get(metrics)])
+    np.testing.assert_allclose(reduced["loss"], mlm + nsp, rtol=1e-5)
     assert all(v.dtype == jnp.float32 for pair in metrics.values() for v in pair)
 
     changed = dict(outputs)
     changed["mlm_logits"] = np.where(w[..., None] == 0, 100.0 * np.sign(logits), logits)
-    changed_loss, changed_metrics = mlm_nsp.loss_and_metrics(changed, batch)
+    changed_loss, changed_metrics = loss_and_metrics(changed, batch)
     assert float(changed_loss) == float(loss)
     assert float(changed_metrics["mlm_accuracy"][0]) == float(metrics["mlm_accuracy"][0])
     changed["mlm_logits"] = logits + 5.0 * (w[..., None] > 0) * np.eye(logits.shape[-1])[0]
-    assert float(mlm_nsp.loss_and_metrics(changed, batch)[0]) != float(loss)
+    assert float(loss_and_metrics(changed, batch)[0]) != float(loss)
 
 
 def test_z_loss_adds_squared_log_partition_of_real_predictions():
     outputs, batch = _outputs_and_batch()
-    plain, _ = mlm_nsp.loss_and_metrics(outputs, batch)
-    loss, metrics = mlm_nsp.loss_and_metrics(outputs, batch, z_loss=1e-2)
+    plain, _ = loss_and_metrics(outputs, batch)
+    loss, metrics = loss_and_metrics(outputs, batch, z_loss=1e-2)
     logits, w = outputs["mlm_logits"], batch["masked_weights"]
     log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     expected = 1e-2 * (np.square(log_z) * w).sum() / w.sum()
@@ -258,7 +269,7 @@ def test_z_loss_adds_squared_log_partition_of_real_predictions():
 
 
 def test_model_inputs_keys():
-    batch = {k: np.zeros(1) for k in mlm_nsp.BATCH_KEYS}
+    batch = {k: np.zeros(1) for k in mlm_nsp.batch_spec(mlm_nsp.Data(), 1)}
     assert set(mlm_nsp.model_inputs(batch)) == {
         "input_ids",
         "segment_ids",

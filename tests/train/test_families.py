@@ -7,7 +7,7 @@ import pytest
 
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
-from tests.tiny import tiny_config
+from tests.tiny_runs import tiny_config
 from tests.train.test_loop import losses
 
 METRICS = {"gpt": ("loss", "accuracy", "perplexity"), "t5": ("loss", "accuracy")}

@@ -86,17 +86,19 @@ def loss_and_grads(family, attention, mesh_shape):
     objective = objectives.get(family)
     batch = batch_for(family, np.random.default_rng(0))
     optimizer = optim.make_optimizer(config.optim, 10)
-    state, shardings = step_lib.create_train_state(module, objective, optimizer, batch, 0, mesh)
+    state, shardings = step_lib.create_train_state(
+        module, objective, optimizer, config.data, 0, mesh
+    )
 
     def loss_fn(params, batch):
         outputs = module.apply({"params": params}, **objective.model_inputs(batch))
-        return objective.loss_and_metrics(outputs, batch)[0]
+        return objectives.objective_value(objective, objective.loss_and_metrics(outputs, batch))
 
     fn = jax.jit(
         jax.value_and_grad(loss_fn),
         in_shardings=(shardings.params, parallel.batch_sharding(mesh)),
     )
-    with step_lib.mesh_context(mesh):
+    with parallel.mesh_context(mesh):
         loss, grads = fn(state.params, parallel.global_batch(batch, mesh))
     return float(loss), jax.device_get(grads)
 

@@ -10,7 +10,7 @@ import pytest
 
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
-from tests.tiny import tiny_config
+from tests.tiny_runs import tiny_config
 
 # Measured (2 CPU cores, seed 0): eval loss -15% (BERT MLM), -13% (GPT), -24% (T5) at step 60.
 MIN_DROP = 0.10

@@ -1,5 +1,6 @@
 """End-to-end tiny-config training: metrics, eval, checkpoints, resume, preemption and errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,9 +14,10 @@ import pytest
 
 from jaxgen import config as config_lib
 from jaxgen.data.corpus import CorpusError
+from jaxgen.data.source import DataSource
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
-from tests.tiny import TINY, tiny_config
+from tests.tiny_runs import TINY, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -191,24 +193,6 @@ def _run_cli(args, cwd, **kwargs):
     )
 
 
-def test_cli_rejects_a_misspelt_key_before_any_work(tmp_path):
-    proc = _run_cli(
-        [
-            "train",
-            "--config",
-            "configs/bert.py:smoke",
-            "--workdir",
-            str(tmp_path / "run"),
-            "--config.optim.learning_rat=1e-4",
-        ],
-        cwd=REPO,
-    )
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert "did you mean 'optim.learning_rate'" in out
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_and_the_rerun_resumes(tmp_path, cache_dir):
     workdir = tmp_path / "run"
@@ -270,7 +254,7 @@ def test_held_out_documents_follow_split_seed_not_train_seed(tmp_path, cache_dir
     def eval_docs(*extra):
         workdir = tmp_path / "-".join(extra or ["base"])
         workdir.mkdir()
-        return loop.DataSource(tiny_config("bert", cache_dir, *extra), workdir).eval_docs
+        return DataSource(tiny_config("bert", cache_dir, *extra), workdir).eval_docs
 
     base = eval_docs()
     assert eval_docs("train.seed=7") == base  # a seed sweep evaluates every point on one split
@@ -295,3 +279,72 @@ def test_resuming_a_run_saved_before_split_seed(bert_run, tmp_path, cache_dir):
     (run / "config.json").write_text(json.dumps(saved))
     with pytest.raises(config_lib.ConfigError, match=r"data.split_seed: 3 -> 0"):
         loop.train(tiny_config("bert", cache_dir, "train.num_steps=8", "optim.decay_steps=6"), run)
+
+
+# ------------------------------------------------------------------------------------ batch ramp
+
+
+def test_batch_ramp_plan_of_gpt3_175b():
+    """GPT-3's ramp: from 32k tokens (raised to the smallest batch the mesh holds) to the full
+    batch over the first 12B tokens, linearly in tokens seen, in 8 stages; steps cover the run."""
+    run = config_lib.load_config("configs/gpt.py:gpt3-175b")
+    granule = run.train.grad_accum * 64  # the row's mesh: data 1 x fsdp 64
+    phases = loop.plan_phases(run, granule)
+    sizes = [p.batch_size for p in phases]
+    assert sizes == sorted(sizes) and sizes[0] == granule and sizes[-1] == run.train.batch_size
+    assert all(size % granule == 0 for size in sizes)
+    assert phases[0].start == 0 and phases[-1].end == run.train.num_steps
+    assert all(a.end == b.start for a, b in zip(phases, phases[1:], strict=False))
+    # Stage k of 8 wants 32k + (3.1M - 32k) * k / 8 tokens per batch: 768 sequences for k < 6 (the
+    # smallest multiple of 768 at or above the start), the full 1536 from k = 6 on.
+    assert sizes == [768, 1536]
+    tokens = (phases[0].end - phases[0].start) * 768 * 2048
+    assert tokens == pytest.approx(run.train.batch_ramp_tokens * 6 / 8, rel=1e-3)
+    # One train stream: each stage starts where the previous one stopped.
+    for a, b in zip(phases, phases[1:], strict=False):
+        assert b.start_example == a.start_example + (a.end - a.start) * a.batch_size
+
+
+def test_batch_ramp_plan_on_a_fine_mesh():
+    run = config_lib.load_config(
+        "configs/gpt.py:smoke",
+        ["train.batch_size=64", "data.seq_len=32", "train.batch_ramp_start_tokens=128",
+         "train.batch_ramp_tokens=12288", "train.batch_ramp_stages=4", "train.num_steps=100"],
+    )  # fmt: skip
+    phases = loop.plan_phases(run, granule=4)
+    # Stages at 128 + (2048 - 128) * k / 4 tokens = 4, 19, 34, 49 sequences, rounded to multiples
+    # of 4 (half to even: 34 -> 32), each training on 3072 tokens; then the full batch of 64.
+    assert [(p.batch_size, p.end - p.start) for p in phases] == [
+        (4, 24), (20, 5), (32, 3), (48, 2), (64, 66)
+    ]  # fmt: skip
+    no_ramp = dataclasses.replace(run.train, batch_ramp_tokens=0, batch_ramp_start_tokens=0)
+    phases = loop.plan_phases(dataclasses.replace(run, train=no_ramp), granule=4)
+    assert [(p.batch_size, p.start, p.end) for p in phases] == [(64, 0, 100)]
+
+
+RAMP = [
+    "mesh.data=2",
+    "mesh.tensor=4",
+    "train.batch_ramp_start_tokens=64",  # 2 sequences of 32
+    "train.batch_ramp_tokens=384",  # 3 stages of 128 tokens: 2 steps of 2, 1 of 4, 1 of 6
+    "train.batch_ramp_stages=3",
+    "train.checkpoint_every=1",
+    "optim.decay_steps=6",
+]
+
+
+@pytest.mark.slow
+def test_batch_ramp_grows_the_batch_and_resumes_exactly_mid_ramp(tmp_path, cache_dir):
+    full = tmp_path / "full"
+    loop.train(tiny_config("gpt", cache_dir, *RAMP), full)
+    rows = [r for r in read_metrics(full) if r["split"] == "train"]
+    assert [r["batch_size"] for r in rows] == [2, 2, 4, 6, 8, 8]
+    # Stopped inside the first stage, then inside the second, then run to the end.
+    stopped = tmp_path / "stopped"
+    for num_steps in (1, 3, 6):
+        loop.train(tiny_config("gpt", cache_dir, *RAMP, f"train.num_steps={num_steps}"), stopped)
+        assert max(losses(stopped)) == num_steps
+    expected, resumed = losses(full), losses(stopped)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step

@@ -42,7 +42,7 @@ SHRINK = [
     f"train.batch_size={BATCH}",
     "optim.warmup_steps=2",
 ]
-EXTRA = {"bert": [], "gpt": [], "t5": ["model.num_decoder_layers=1"]}
+EXTRA = {"bert": [f"data.max_predictions={PRED}"], "gpt": [], "t5": ["model.num_decoder_layers=1"]}
 ALL_MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 FAST_MESHES = [(1, 1, 1), (2, 2, 2), (1, 1, 8)]
 
@@ -53,42 +53,9 @@ def tiny_config(family: str):
 
 
 def synthetic_batch(family: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One global batch of valid ids and masks with the keys and dtypes of the real pipeline."""
-    ids = lambda *shape: rng.integers(5, VOCAB, shape, dtype=np.int32)  # noqa: E731
-    lengths = rng.integers(SEQ // 2, SEQ + 1, BATCH)
-    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)  # [B, T] some padding
-    if family == "bert":
-        segments = (np.arange(SEQ)[None, :] >= lengths[:, None] // 2).astype(np.int32) * mask
-        positions = np.stack([rng.choice(n, PRED, replace=False) for n in lengths]).astype(np.int32)
-        weights = np.ones((BATCH, PRED), np.float32)
-        weights[:, -1] = 0.0  # a padding prediction
-        return dict(
-            input_ids=ids(BATCH, SEQ) * mask,
-            segment_ids=segments,
-            attention_mask=mask,
-            masked_positions=positions,
-            masked_ids=ids(BATCH, PRED),
-            masked_weights=weights,
-            next_sentence_labels=rng.integers(0, 2, BATCH, dtype=np.int32),
-        )
-    if family == "gpt":
-        tokens = ids(BATCH, SEQ + 1)
-        return dict(
-            input_ids=tokens[:, :-1],
-            target_ids=tokens[:, 1:],
-            positions=np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
-            segment_ids=np.ones((BATCH, SEQ), np.int32),
-            weights=mask.astype(np.float32),
-        )
-    targets = ids(BATCH, SEQ // 2) * mask[:, : SEQ // 2]
-    return dict(
-        encoder_input_ids=ids(BATCH, SEQ) * mask,
-        encoder_mask=mask,
-        decoder_input_ids=np.pad(targets[:, :-1], ((0, 0), (1, 0))),  # shifted right, start 0
-        decoder_target_ids=targets,
-        decoder_mask=mask[:, : SEQ // 2],
-        decoder_weights=mask[:, : SEQ // 2].astype(np.float32),
-    )
+    """One global batch of the objective's spec: valid ids, padding, padding predictions."""
+    config = tiny_config(family)
+    return objectives.get(family).synthetic_batch(config.model, config.data, BATCH, rng)
 
 
 def make_mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
@@ -107,7 +74,7 @@ def train_losses(family: str, shape: tuple[int, int, int]) -> tuple[list[float],
     rng = np.random.default_rng(0)
     batches = [synthetic_batch(family, rng) for _ in range(NUM_STEPS)]
     state, shardings = step_lib.create_train_state(
-        module, objective, optimizer, batches[0], seed=0, mesh=mesh
+        module, objective, optimizer, config.data, seed=0, mesh=mesh
     )
     train_step = step_lib.build_train_step(module, objective, optimizer, schedule, mesh, shardings)
     losses = []
@@ -162,9 +129,8 @@ def test_parameters_are_sharded_as_the_rules_say():
     config = tiny_config("bert")
     module, objective = models.build(config.model), objectives.get("bert")
     optimizer = optim.make_optimizer(config.optim, NUM_STEPS)
-    batch = synthetic_batch("bert", np.random.default_rng(0))
     state, _ = step_lib.create_train_state(
-        module, objective, optimizer, batch, seed=0, mesh=make_mesh((2, 2, 2))
+        module, objective, optimizer, config.data, seed=0, mesh=make_mesh((2, 2, 2))
     )
     specs = param_specs(state)
     # (vocab, embed) -> ((tensor, fsdp), None); (embed, heads, kv) -> (fsdp, tensor, None).

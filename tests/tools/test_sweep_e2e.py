@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxgen import sweep
-from tests.tiny import tiny_shapes
+from jaxgen.tools import sweep
+from tests.tiny_runs import tiny_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/bert.py:smoke"

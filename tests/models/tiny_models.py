@@ -1,4 +1,7 @@
-"""Tiny model configs and once-per-session params shared by the model and sampling tests."""
+"""Tiny models from the real configs: each family's smoke row shrunk, with params built once.
+
+Shared by the model and sampling tests (`tests/tiny_runs.py` holds the tiny *training* runs).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,17 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
+from jaxgen import config as config_lib
+from jaxgen import objectives
 from jaxgen.models import ModelConfig, build
 
 F32_ATOL = 1e-5  # same float32 computation, different order of operations (cache vs. full pass)
 BF16_RTOL = 5e-2  # bfloat16 keeps 8 mantissa bits; errors accumulate over a few layers
 
+# What the smoke rows are shrunk to.
 COMMON = dict(
     vocab_size=100,
     num_layers=2,
@@ -28,19 +34,23 @@ COMMON = dict(
 )
 
 
+@functools.cache
+def _smoke_model(family: str) -> dict[str, Any]:
+    return config_lib.load_config(f"configs/{family}.py:smoke").model.to_dict()
+
+
 def config(family: str, **overrides: Any) -> ModelConfig:
-    """A tiny ModelConfig of `family` with `overrides`."""
-    return ModelConfig.from_mapping({"family": family, **COMMON, **overrides})
+    """configs/<family>.py:smoke's model at the COMMON sizes, with `overrides`."""
+    return ModelConfig.from_mapping({**_smoke_model(family), **COMMON, **overrides})
 
 
-def example_inputs(family: str, batch: int = 2, length: int = 8) -> tuple:
-    """Positional apply() inputs of the right shapes for `family`."""
-    ids = jnp.ones((batch, length), jnp.int32)
-    if family == "bert":
-        return (ids, jnp.zeros_like(ids), ids, jnp.zeros((batch, 3), jnp.int32))
-    if family == "gpt":
-        return (ids,)
-    return (ids, ids[:, : length // 2 + 1], ids, ids[:, : length // 2 + 1])
+def example_inputs(family: str, batch: int = 2, length: int = 8) -> dict[str, Any]:
+    """apply() keyword inputs of the family's batch spec (objective.model_inputs of a batch)."""
+    objective = objectives.get(family)
+    data = objective.Data(seq_len=length)
+    spec = objective.batch_spec(data, batch)
+    ones = {k: np.ones(s.shape, s.dtype) for k, s in spec.items()}
+    return objective.model_inputs(ones)
 
 
 def module(family: str, **overrides: Any) -> nn.Module:
@@ -55,7 +65,8 @@ def model(family: str, **overrides: Any) -> tuple[nn.Module, Any]:
     # unsafe_rbg: compiles several times faster than threefry on CPU; the values only need to be
     # random.
     rng = jax.random.key(0, impl="unsafe_rbg")
-    params = jax.jit(lambda rng: module.init(rng, *example_inputs(family))["params"])(rng)
+    inputs = example_inputs(family)
+    params = jax.jit(lambda rng: module.init(rng, **inputs)["params"])(rng)
     return module, params
 
 

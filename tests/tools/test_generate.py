@@ -6,15 +6,14 @@ are marked slow; the workdir errors that need no checkpoint run in the fast suit
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
-from jaxgen import cli, sample
+from jaxgen import cli
 from jaxgen import config as config_lib
 from jaxgen.data.tokenizer import load_tokenizer
+from jaxgen.tools.generate import generate
 from jaxgen.train import checkpoint, loop
-from tests.tiny import tiny_config
+from tests.tiny_runs import tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -43,16 +42,10 @@ def run_cli(capsys, *argv):
     return exit_info.value.code, out, err
 
 
-def flags(workdir, **overrides):
-    """The argparse Namespace `jaxgen sample --workdir ...` would build, with `overrides`."""
-    args = cli.build_parser().parse_args(["sample", "--workdir", str(workdir)])
-    return types.SimpleNamespace(**{**vars(args), **overrides})
-
-
 # Every call of a family uses the same shapes (prompt length, batch, steps): one compilation each.
 GPT = dict(prompt="The class", max_new_tokens=8, num_samples=2)
 T5 = dict(prompt="The <extra_id_0> statement is <extra_id_1> module.", max_new_tokens=10)
-BERT = dict(prompt="the module", length=5, gibbs_steps=2)
+BERT = dict(prompt="the module", length=5, num_sweeps=2)
 
 
 @pytest.mark.slow
@@ -69,11 +62,10 @@ def test_gpt_cli_prints_a_continuation_of_the_prompt(runs, capsys):
 
 @pytest.mark.slow
 def test_gpt_same_seed_same_text_and_greedy_rows_agree(runs):
-    args = flags(runs["gpt"], seed=3, **GPT)
-    first = sample.sample_from_workdir(args)
-    assert sample.sample_from_workdir(args) == first
+    first = generate(runs["gpt"], seed=3, **GPT)
+    assert generate(runs["gpt"], seed=3, **GPT) == first
     assert len(first) == 2 and all(text.startswith(GPT["prompt"]) for text in first)
-    greedy = sample.sample_from_workdir(flags(runs["gpt"], greedy=True, **GPT))
+    greedy = generate(runs["gpt"], greedy=True, **GPT)
     assert greedy[0] == greedy[1]
 
 
@@ -85,25 +77,32 @@ def test_t5_decodes_the_sentinel_target(runs, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert out.strip()  # a 2-step model's target, e.g. "<extra_id_0> the the"
-    args = flags(runs["t5"], temperature=1.0, seed=1, **T5)
-    first = sample.sample_from_workdir(args)
-    assert len(first) == 1 and sample.sample_from_workdir(args) == first
+    first = generate(runs["t5"], temperature=1.0, seed=1, **T5)
+    assert len(first) == 1 and generate(runs["t5"], temperature=1.0, seed=1, **T5) == first
+
+
+@pytest.mark.slow
+def test_cli_flags_reach_the_samplers_and_defaults_stay_theirs(runs, capsys):
+    code, out, err = run_cli(
+        capsys, "sample", "--workdir", str(runs["bert"]), "--prompt", BERT["prompt"],
+        "--length", "5", "--gibbs_steps", "2", "--gibbs_order", "sequential", "--seed", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    expected = generate(runs["bert"], order="sequential", seed=4, **BERT)
+    assert out.splitlines() == expected
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("order", ["parallel", "sequential"])
 def test_bert_gibbs_sampling(runs, order):
-    args = flags(runs["bert"], gibbs_order=order, **BERT)
-    first = sample.sample_from_workdir(args)
+    first = generate(runs["bert"], order=order, **BERT)
     assert len(first) == 1 and first[0].startswith(BERT["prompt"])
     assert not any(s in first[0] for s in ("[MASK]", "[SEP]", "[CLS]", "[PAD]"))
-    assert sample.sample_from_workdir(args) == first
+    assert generate(runs["bert"], order=order, **BERT) == first
     if order == "parallel":  # no prompt: all [MASK] between [CLS] and [SEP], same total length
         tokenizer = load_tokenizer(runs["bert"] / "tokenizer")
         length = len(tokenizer.encode(BERT["prompt"])) + BERT["length"]
-        no_prompt = sample.sample_from_workdir(
-            flags(runs["bert"], prompt="", length=length, gibbs_steps=2)
-        )
+        no_prompt = generate(runs["bert"], prompt="", length=length, num_sweeps=2)
         assert no_prompt[0].strip()
 
 
@@ -117,7 +116,7 @@ def test_workdir_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "sample", "--workdir", str(tmp_path), "--prompt", "x")
     assert code == 1 and f"CheckpointError: no checkpoints in {tmp_path}" in err
     with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoints in {tmp_path}"):
-        sample.sample_from_workdir(flags(tmp_path, prompt="x"))
+        generate(tmp_path, prompt="x")
     # The empty prompt is reported before the checkpoint is even looked for.
     code, _, err = run_cli(capsys, "sample", "--workdir", str(tmp_path))
     assert code == 1 and "empty prompt" in err and str(tmp_path) in err
@@ -128,6 +127,10 @@ def test_too_long_prompts_are_clear_errors(runs):
     long = " ".join(["word"] * 40)  # > 32 tokens
     for family in ("gpt", "t5", "bert"):
         with pytest.raises(ValueError, match=r"longer than the context .* max_len=32"):
-            sample.sample_from_workdir(flags(runs[family], prompt=long, length=1))
+            generate(runs[family], prompt=long, length=1)
     with pytest.raises(ValueError, match="--max_new_tokens <= "):
-        sample.sample_from_workdir(flags(runs["gpt"], prompt="The", max_new_tokens=40))
+        generate(runs["gpt"], prompt="The", max_new_tokens=40)
+    with pytest.raises(ValueError, match="gpt sampling does not take num_sweeps"):
+        generate(runs["gpt"], prompt="The", num_sweeps=3)
+    with pytest.raises(ValueError, match="top_p is not supported by BERT"):
+        generate(runs["bert"], prompt="the", top_p=0.9)

@@ -1,7 +1,8 @@
 """`jaxgen launch tpu|slurm`: start `jaxgen train` on a Cloud TPU VM slice or a SLURM GPU cluster.
 
 Everything that decides *what* runs is a pure function returning argv lists or script text, so tests
-compare them exactly and `--dry-run` prints what would run. Only `run` touches the outside world.
+compare them exactly and `--dry-run` prints what would run. Only `launch_tpu`, `launch_slurm` and
+`delete_tpu` touch the outside world; `jaxgen.cli` parses the flags.
 
 TPU:   jaxgen launch tpu --name my-tpu --zone us-central2-b --accelerator v4-32 \\
            --config configs/bert.py:base --workdir gs://my-bucket/bert-base [--config.x=y ...]
@@ -11,7 +12,6 @@ SLURM: jaxgen launch slurm --nodes 2 --gpus-per-node 8 --partition gpu --time 24
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import os
 import shlex
@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from jaxgen.config import REPO_ROOT
+
 # The source tree shipped to TPU workers: the package plus the config files `--config` names.
 SOURCE_PATHS = ("pyproject.toml", "README.md", "jaxgen", "configs")
 REMOTE_DIR = "jaxgen"  # relative to the worker's home directory
@@ -264,6 +265,15 @@ def _ensure_tpu_vm(vm: TpuVm, runner: Runner, query: Query) -> None:
             raise LaunchError(f"creating TPU VM {vm.name} failed")
 
 
+def delete_tpu(vm: TpuVm, *, dry_run: bool = False, runner: Runner = _run_command) -> int:
+    """Deletes the TPU VM (with dry_run prints the command); returns gcloud's exit code."""
+    if dry_run:
+        _print_command(tpu_delete_command(vm))
+        return 0
+    _require_tool("gcloud", "install the Google Cloud SDK (https://cloud.google.com/sdk)")
+    return runner(tpu_delete_command(vm))
+
+
 def launch_tpu(
     vm: TpuVm,
     config: str,
@@ -384,100 +394,3 @@ def launch_slurm(
         return 0
     _require_tool("sbatch", "run this on a SLURM login node, or drop --submit and copy the script")
     return runner(["sbatch", str(path)])
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `jaxgen launch tpu|slurm` to the CLI."""
-    launch = subparsers.add_parser("launch", help="start training on Cloud TPU or a SLURM cluster")
-    targets = launch.add_subparsers(dest="target", required=True)
-
-    tpu = targets.add_parser(
-        "tpu",
-        help="create/reuse a TPU VM slice, install jaxgen on all workers and train",
-        epilog="Extra --config.a.b=v arguments are passed to `jaxgen train` on every worker.",
-    )
-    tpu.add_argument("--name", required=True, help="TPU VM name")
-    tpu.add_argument("--zone", required=True, help="e.g. us-central2-b")
-    tpu.add_argument("--accelerator", default="v4-8", help="accelerator type, e.g. v4-32")
-    tpu.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU VM runtime version")
-    tpu.add_argument("--spot", action="store_true", help="create a Spot (preemptible) slice")
-    tpu.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
-    tpu.add_argument("--config", help="configs/<family>.py:<row>")
-    tpu.add_argument("--workdir", help="gs://bucket/run (shared by all workers)")
-    tpu.add_argument(
-        "--no-stream", dest="stream", action="store_false", help="don't follow the log"
-    )
-    tpu.add_argument("--delete", action="store_true", help="delete the TPU VM and exit")
-    tpu.add_argument("--dry-run", action="store_true", help="print the gcloud commands only")
-    tpu.set_defaults(func=run)
-
-    slurm = targets.add_parser(
-        "slurm",
-        help="write (and --submit) an sbatch script for N GPU nodes",
-        epilog="Extra --config.a.b=v arguments are passed to `jaxgen train`.",
-    )
-    slurm.add_argument("--nodes", type=int, required=True)
-    slurm.add_argument("--gpus-per-node", type=int, required=True)
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--time", default=None, help="wall-clock limit, e.g. 24:00:00")
-    slurm.add_argument("--job-name", default="jaxgen")
-    slurm.add_argument(
-        "--port", type=int, default=None, help="coordinator port (default: from job id)"
-    )
-    slurm.add_argument("--python", default="python", help="python on the compute nodes")
-    slurm.add_argument(
-        "--script", default=None, help="where to write it (default WORKDIR/launch.sbatch)"
-    )
-    slurm.add_argument("--config", required=True, help="configs/<family>.py:<row>")
-    slurm.add_argument("--workdir", required=True, help="run directory on the shared filesystem")
-    slurm.add_argument("--submit", action="store_true", help="run sbatch on the script")
-    slurm.add_argument("--dry-run", action="store_true", help="print the script only")
-    slurm.set_defaults(func=run)
-
-
-def _run(args: argparse.Namespace, extra: list[str]) -> int:
-    unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown:
-        raise LaunchError(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.target == "tpu":
-        vm = TpuVm(args.name, args.zone, args.accelerator, args.version, args.spot, args.project)
-        if args.delete:
-            if args.dry_run:
-                _print_command(tpu_delete_command(vm))
-                return 0
-            _require_tool("gcloud", "install the Google Cloud SDK (https://cloud.google.com/sdk)")
-            return _run_command(tpu_delete_command(vm))
-        if not args.config or not args.workdir:
-            raise LaunchError("jaxgen launch tpu needs --config and --workdir (or --delete)")
-        return launch_tpu(
-            vm, args.config, args.workdir, extra, dry_run=args.dry_run, stream=args.stream
-        )
-    script = slurm_script(
-        args.config,
-        args.workdir,
-        extra,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        job_name=args.job_name,
-        partition=args.partition,
-        time=args.time,
-        port=args.port,
-        python=args.python,
-    )
-    if args.dry_run:
-        print(script, end="")
-        return 0
-    # sbatch needs the --output folder to exist before the job starts.
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    return launch_slurm(
-        script, args.script or Path(args.workdir) / "launch.sbatch", submit=args.submit
-    )
-
-
-def run(args: argparse.Namespace, extra: list[str]) -> int:
-    """Runs `jaxgen launch ...`; user-facing failures print one line and return exit code 2."""
-    try:
-        return _run(args, extra)
-    except LaunchError as err:
-        print(f"jaxgen launch: {err}", file=sys.stderr)
-        return 2

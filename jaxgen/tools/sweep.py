@@ -11,11 +11,9 @@ At the end `summary.csv` and `summary.md` list every point's final train/eval me
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -28,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -64,17 +62,9 @@ class PointResult:
 
 def train_command(config: str, workdir: str, overrides: Sequence[str]) -> list[str]:
     """argv that trains one point locally with this Python interpreter."""
-    return [
-        sys.executable,
-        "-m",
-        "jaxgen",
-        "train",
-        "--config",
-        config,
-        "--workdir",
-        workdir,
-        *overrides,
-    ]
+    from jaxgen.tools.launch import train_argv
+
+    return train_argv(config, workdir, overrides, python=sys.executable)
 
 
 def _strip_key(key: str) -> str:
@@ -140,13 +130,12 @@ def expand_grid(sweeps: Sequence[str] | Mapping[str, Sequence[Any]]) -> list[dic
 
 def load_sweep_file(path: str | Path) -> list[dict[str, str]]:
     """Runs `get_sweep()` of a Python file: a list of {config key: value} dicts, one per point."""
+    from jaxgen.config import load_python_file
+
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} not found")
-    spec = importlib.util.spec_from_file_location(f"jaxgen_sweep_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path)
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"{path} must define get_sweep() -> list[dict]")
     points = list(module.get_sweep())
@@ -318,10 +307,8 @@ def _validate_points(
     config: str, overrides: Sequence[str], points: Sequence[Mapping[str, str]]
 ) -> list[str]:
     """Config error per point ('' = valid), by loading each point's config without training."""
-    try:
-        from jaxgen.config import load_config
-    except ImportError:
-        return [""] * len(points)  # no loader: the runs themselves report bad keys
+    from jaxgen.config import load_config
+
     errors = []
     for point in points:
         try:
@@ -387,7 +374,7 @@ def run_sweep(
     validate: bool = True,
     progress: bool = True,
     env: Mapping[str, str] | None = None,
-    out=None,
+    out: TextIO | None = None,
 ) -> list[PointResult]:
     """Runs every sweep point (grid of `sweeps` × explicit `points`) and returns results best first.
 
@@ -493,7 +480,7 @@ def _launch_tpu_points(
     dry_run: bool,
     out,
 ) -> list[PointResult]:
-    from jaxgen import launch
+    from jaxgen.tools import launch
 
     if tpu is None or not tpu.name or not tpu.zone:
         raise SweepError("--launch tpu needs --tpu_name and --zone")
@@ -508,73 +495,3 @@ def _launch_tpu_points(
         if code != 0:
             r.error = f"launch exit code {code}"
     return results
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `jaxgen sweep` to the CLI."""
-    parser = subparsers.add_parser(
-        "sweep",
-        help="run a grid of config overrides, one workdir per point, and summarise",
-        epilog="Extra --config.a.b=v arguments apply to every point.",
-    )
-    parser.add_argument("--config", required=True, help="configs/<family>.py:<row>")
-    parser.add_argument("--workdir", required=True, help="sweep folder; one subfolder per point")
-    parser.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="swept config key and its values (repeat for a grid)",
-    )
-    parser.add_argument(
-        "--sweep_file", default=None, help="Python file with get_sweep() -> list[dict]"
-    )
-    parser.add_argument("--parallel", type=int, default=1, help="points run at once (local)")
-    parser.add_argument("--launch", choices=("local", "tpu"), default="local")
-    parser.add_argument("--dry-run", "--dry_run", action="store_true", help="print commands only")
-    parser.add_argument("--metric", default="eval/loss", help="ranks the summary, e.g. eval/loss")
-    parser.add_argument("--mode", choices=("min", "max"), default="min")
-    tpu = parser.add_argument_group("--launch tpu (one TPU VM per point: NAME-<index>)")
-    tpu.add_argument("--tpu_name", default=None)
-    tpu.add_argument("--zone", default=None)
-    tpu.add_argument("--accelerator", default="v4-8")
-    tpu.add_argument("--version", default="tpu-ubuntu2204-base")
-    tpu.add_argument("--spot", action="store_true")
-    tpu.add_argument("--project", default=None)
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace, extra: list[str]) -> int:
-    """Runs `jaxgen sweep ...`: 0 when every point finished (or was skipped), 1 if any failed."""
-    unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown:
-        raise SweepError(f"unrecognized arguments: {' '.join(unknown)}")
-    if not args.sweep and not args.sweep_file:
-        raise SweepError("give at least one --sweep KEY=V1,V2 or a --sweep_file")
-    points = load_sweep_file(args.sweep_file) if args.sweep_file else None
-    tpu = None
-    if args.launch == "tpu":
-        from jaxgen.launch import TpuVm
-
-        tpu = TpuVm(
-            args.tpu_name or "",
-            args.zone or "",
-            args.accelerator,
-            args.version,
-            args.spot,
-            args.project,
-        )
-    results = run_sweep(
-        args.config,
-        args.sweep,
-        args.workdir,
-        extra,
-        args.parallel,
-        points=points,
-        metric=args.metric,
-        mode=args.mode,
-        launch=args.launch,
-        tpu=tpu,
-        dry_run=args.dry_run,
-    )
-    return 1 if any(r.status == "failed" for r in results) else 0

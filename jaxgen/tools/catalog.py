@@ -14,8 +14,8 @@ explained in `memory_estimate` and `activation_bytes`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import re
@@ -25,15 +25,15 @@ from types import ModuleType
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from jaxgen import models, parallel
-from jaxgen.config import REPO_ROOT
-from jaxgen.objectives import span_corruption
+from jaxgen import config as config_lib
+from jaxgen import models, objectives, parallel
+from jaxgen.config import REPO_ROOT, RunConfig
+from jaxgen.models.config import ModelConfig
 from jaxgen.train import optim as optim_lib
+from jaxgen.train import step as step_lib
 
-FAMILIES = ("bert", "gpt", "t5")
 FORMATS = ("table", "json", "markdown")
 GIB = 2**30
 # HBM per JAX device. v2/v3: a device is one TensorCore and "vN-K" has K of them; v4/v5p: a device
@@ -51,34 +51,30 @@ SHAPE_FREE = {"dtype": "float32", "remat": False, "attention": "xla", "dropout":
 
 
 def configs_dir() -> Path:
-    """The folder with bert.py, gpt.py and t5.py: ./configs if it has them, else the repo's."""
+    """The folder with a config file per family: ./configs if it has them, else the repo's."""
     for candidate in (Path.cwd() / "configs", REPO_ROOT / "configs"):
-        if all((candidate / f"{family}.py").is_file() for family in FAMILIES):
+        if all((candidate / f"{name}.py").is_file() for name in objectives.FAMILIES):
             return candidate
     raise FileNotFoundError(
-        f"no configs/ folder with {FAMILIES} files in {Path.cwd()} or {REPO_ROOT}"
+        f"no configs/ folder with {objectives.FAMILIES} files in {Path.cwd()} or {REPO_ROOT}"
     )
 
 
 @functools.cache
 def load_family(family: str) -> ModuleType:
     """Imports configs/<family>.py (it is a file, not a package module)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
-    path = configs_dir() / f"{family}.py"
-    spec = importlib.util.spec_from_file_location(f"jaxgen_catalog_{family}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    objectives.get(family)  # an unknown family fails here, naming the valid ones
+    return config_lib.load_python_file(configs_dir() / f"{family}.py")
 
 
 def parse_name(name: str) -> tuple[str, str]:
     """'configs/bert.py:base', 'bert.py:base' or 'bert:base' -> ('bert', 'base'); default smoke."""
     path, _, arg = name.partition(":")
     family = Path(path).name.removesuffix(".py")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown config {name!r}; names look like configs/bert.py:base")
+    try:
+        objectives.get(family)
+    except ValueError:
+        raise ValueError(f"unknown config {name!r}; names look like configs/bert.py:base") from None
     return family, arg or "smoke"
 
 
@@ -89,69 +85,52 @@ def config_name(family: str, arg: str) -> str:
 
 def list_names(family: str | None = None) -> list[str]:
     """Every catalogued config name, in table order (one family, or all)."""
-    families = FAMILIES if family is None else (family,)
+    families = objectives.FAMILIES if family is None else (family,)
     return [config_name(f, arg) for f in families for arg in load_family(f).list_rows()]
 
 
 def load_row(name: str) -> ml_collections.ConfigDict:
-    """The config of one named row."""
+    """The ConfigDict of one named row."""
     family, arg = parse_name(name)
     return load_family(family).get_config(arg)
+
+
+def load_run(name: str) -> RunConfig:
+    """The typed config of one named row."""
+    return config_lib.run_config(load_row(name))
 
 
 # ----------------------------------------------------------------------------------- shape tracing
 
 
-def _shape_key(model_config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    items = {**dict(model_config.items()), **SHAPE_FREE}
-    return tuple(sorted(items.items()))
-
-
 @functools.cache
-def _abstract_params_cached(key: tuple[tuple[str, Any], ...]) -> Any:
-    model_config = dict(key)
-    module = models.build(model_config)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    family = model_config["family"]
-    if family == "bert":
-        init = lambda x: module.init(rngs, x, x, x)  # input_ids, segment_ids, attention_mask
-    elif family == "gpt":
-        init = lambda x: module.init(rngs, x)
-    else:
-        init = lambda x: module.init(rngs, x, x)  # encoder and decoder ids
-    return jax.eval_shape(init, ids)["params"]
+def _abstract_params_cached(model: ModelConfig) -> Any:
+    objective = objectives.get(model.family)
+    data = objective.Data(seq_len=min(8, model.max_len))
+    return step_lib.abstract_params(models.build(model), objective, data)
 
 
-def abstract_params(model_config: Mapping[str, Any]) -> Any:
+def abstract_params(model: ModelConfig) -> Any:
     """The parameter pytree of the model as ShapeDtypeStructs in logical-axis boxes (no memory)."""
-    return _abstract_params_cached(_shape_key(model_config))
-
-
-def _depths(model_config: Mapping[str, Any]) -> list[str]:
-    return (
-        ["num_layers", "num_decoder_layers"] if model_config["family"] == "t5" else ["num_layers"]
-    )
+    return _abstract_params_cached(dataclasses.replace(model, **SHAPE_FREE))
 
 
 def extrapolate_over_depth(
-    model_config: Mapping[str, Any], stat: Callable[[Any], tuple[float, ...]]
+    model: ModelConfig, stat: Callable[[Any], tuple[float, ...]]
 ) -> tuple[float, ...]:
     """`stat(abstract_params)` at the full depth, from traces at depth 1 and 2 of each stack.
 
     Valid for any stat that is a sum over parameter leaves (counts, bytes): all layers of a stack
     have the same leaves, so it is affine in each stack's depth.
     """
-    config = dict(model_config.items())
-    keys = _depths(config)
-    ones = {k: 1 for k in keys}
-    base = stat(abstract_params({**config, **ones}))
+    depths = model.stack_depths
+    ones = {k: 1 for k in depths}
+    base = stat(abstract_params(dataclasses.replace(model, **ones)))
     total = list(base)
-    for k in keys:
-        depth = int(config[k])
+    for key, depth in depths.items():
         if depth == 1:
             continue
-        deeper = stat(abstract_params({**config, **ones, k: 2}))
+        deeper = stat(abstract_params(dataclasses.replace(model, **{**ones, key: 2})))
         total = [t + (depth - 1) * (d - b) for t, d, b in zip(total, deeper, base, strict=True)]
     return tuple(total)
 
@@ -160,15 +139,15 @@ def _leaf_sizes(tree: Any) -> list[int]:
     return [math.prod(x.shape) for x in jax.tree.leaves(parallel.strip_boxes(tree))]
 
 
-def count_params(model_config: Mapping[str, Any]) -> int:
+def count_params(model: ModelConfig) -> int:
     """The model's parameter count, from `jax.eval_shape` of its init (see the module docstring)."""
-    (count,) = extrapolate_over_depth(model_config, lambda tree: (sum(_leaf_sizes(tree)),))
+    (count,) = extrapolate_over_depth(model, lambda tree: (sum(_leaf_sizes(tree)),))
     return int(round(count))
 
 
-def count_params_full_depth(model_config: Mapping[str, Any]) -> int:
+def count_params_full_depth(model: ModelConfig) -> int:
     """The parameter count from one trace at the full depth (slower; checks the extrapolation)."""
-    return sum(_leaf_sizes(abstract_params(model_config)))
+    return sum(_leaf_sizes(abstract_params(model)))
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -203,13 +182,13 @@ def _param_stats(tree: Any, sizes: Mapping[str, int]) -> tuple[float, float]:
     return total, per_device
 
 
-def _optimizer_bytes(tree: Any, config: ml_collections.ConfigDict) -> tuple[float]:
-    optimizer = optim_lib.make_optimizer(config.optim, config.train.num_steps)
+def _optimizer_bytes(tree: Any, run: RunConfig) -> tuple[float]:
+    optimizer = optim_lib.make_optimizer(run.optim, run.train.num_steps)
     state = jax.eval_shape(optimizer.init, parallel.strip_boxes(tree))
     return (sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)),)
 
 
-def activation_bytes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> float:
+def activation_bytes(run: RunConfig, sizes: Mapping[str, int]) -> float:
     """Activation bytes kept for the backward pass of one micro-batch on one device (an estimate).
 
     Counting of Korthikanti et al. 2022 ("Reducing Activation Recomputation", §4), generalised to
@@ -217,9 +196,10 @@ def activation_bytes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]
     nonlinearity plus dropout masks (1 byte); attention scores and their dropout only with the XLA
     kernel (flash keeps none); tensor parallelism splits the head and MLP terms. With remat only
     each layer's input is kept, plus one layer's activations while it is recomputed. Plus the
-    float32 logits and their gradient.
+    float32 logits of the scored positions and their gradient. Lengths are the longest phase's.
     """
-    model, data, train = config.model, config.data, config.train
+    model, train = run.model, run.train
+    objective = objectives.get(model.family)
     batch_shards = sizes["data"] * sizes["fsdp"]
     micro = max(1, train.batch_size // (train.grad_accum * batch_shards))
     t = sizes["tensor"]
@@ -234,7 +214,7 @@ def activation_bytes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]
     score_bytes = (
         0 if model.attention != "xla" else el + ((1 + el) if model.attention_dropout > 0 else 0)
     )
-    gated = model.get("feed_forward", "") == "gated-gelu"
+    gated = model.feed_forward == "gated-gelu"
 
     def attention(s: int, s_kv: int) -> float:
         matmul_inputs = el * s * h + el * inner * (s + 2 * s_kv) / t + el * s * inner / t
@@ -243,59 +223,47 @@ def activation_bytes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]
     def mlp(s: int) -> float:
         return el * s * h + el * s * ff * (3 if gated else 2) / t + mask * s * h
 
-    def norms(s: int, n: int) -> float:
-        return n * el * s * h
-
-    phases = list(train.phases) or [{}]
-    seq = max(int(p.get("seq_len", data.seq_len)) for p in phases)
+    lengths: dict[str, int] = {}
+    for phase in train.phases or ({"fraction": 1.0},):
+        for key, value in objective.sequence_lengths(run.phase_data(phase)).items():
+            lengths[key] = max(lengths.get(key, 0), value)
+    layers = []
+    for depth_key, sequence, cross in model.stacks:
+        s, src = lengths[sequence], lengths["inputs"]
+        per_layer = attention(s, s) + mlp(s) + (2 + cross) * el * s * h  # + norms
+        if cross:
+            per_layer += attention(s, src)
+        layers.append((getattr(model, depth_key), s, per_layer))
     vocab_split = t if model.vocab_size % t == 0 else 1
-    if model.family == "t5":
-        _, dec = span_corruption.input_and_target_lengths(
-            seq, data.noise_density, data.mean_noise_span_length
-        )
-        layers = [(model.num_layers, seq, attention(seq, seq) + mlp(seq) + norms(seq, 2))]
-        dec_layer = attention(dec, dec) + attention(dec, seq) + mlp(dec) + norms(dec, 3)
-        layers.append((model.num_decoder_layers, dec, dec_layer))
-        logits = dec * model.vocab_size * 8 / vocab_split
-    else:
-        layers = [(model.num_layers, seq, attention(seq, seq) + mlp(seq) + norms(seq, 2))]
-        if model.family == "bert":  # the MLM head scores the masked positions only
-            predictions = max(int(p.get("max_predictions", data.max_predictions)) for p in phases)
-            logits = predictions * model.vocab_size * 8 / vocab_split
-        else:
-            logits = seq * model.vocab_size * 8 / vocab_split
+    logits = lengths["scored"] * model.vocab_size * 8 / vocab_split
     if model.remat:
-        kept = sum(n * el * s * h for n, s, _ in layers) + max(
-            per_layer for _, _, per_layer in layers
-        )
+        kept = sum(n * el * s * h for n, s, _ in layers) + max(p for _, _, p in layers)
     else:
         kept = sum(n * per_layer for n, _, per_layer in layers)
     return micro * (kept + logits)
 
 
-def memory_estimate(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def memory_estimate(run: RunConfig) -> dict[str, Any]:
     """Per-device bytes of params, grads, optimizer state and activations on the row's hardware.
 
     Params, grads and optimizer state are float32 and sharded by `parallel.LOGICAL_RULES` (optimizer
     state is assumed to shard like its params; Adafactor's factored rows and columns are counted
     from the real optax state); a second grad buffer is counted when accumulating micro-batches.
     """
-    devices, hbm = hardware_devices(config.hardware)
-    shape = parallel.mesh_shape(config.mesh, devices)
+    devices, hbm = hardware_devices(run.meta.hardware)
+    shape = parallel.mesh_shape(run.mesh, devices)
     sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
-    total, per_device = extrapolate_over_depth(config.model, lambda tr: _param_stats(tr, sizes))
-    (optimizer_total,) = extrapolate_over_depth(
-        config.model, lambda tr: _optimizer_bytes(tr, config)
-    )
+    total, per_device = extrapolate_over_depth(run.model, lambda tr: _param_stats(tr, sizes))
+    (optimizer_total,) = extrapolate_over_depth(run.model, lambda tr: _optimizer_bytes(tr, run))
     optimizer = optimizer_total * per_device / total
-    grads = per_device * (2 if config.train.grad_accum > 1 else 1)
-    activations = activation_bytes(config, sizes)
-    estimate = {
-        "hardware": config.hardware,
+    grads = per_device * (2 if run.train.grad_accum > 1 else 1)
+    activations = activation_bytes(run, sizes)
+    return {
+        "hardware": run.meta.hardware,
         "devices": devices,
         "mesh": sizes,
         "micro_batch_per_device": max(
-            1, config.train.batch_size // (config.train.grad_accum * sizes["data"] * sizes["fsdp"])
+            1, run.train.batch_size // (run.train.grad_accum * sizes["data"] * sizes["fsdp"])
         ),
         "params_bytes": per_device,
         "grads_bytes": grads,
@@ -304,7 +272,6 @@ def memory_estimate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "total_bytes": per_device + grads + optimizer + activations,
         "hbm_bytes": hbm,
     }
-    return estimate
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -322,24 +289,24 @@ def _human(n: float) -> str:
 
 def catalog_entry(name: str) -> dict[str, Any]:
     """One row of the catalog as a JSON-ready dict (`params` computed from the model)."""
-    config = load_row(name)
-    model, optim, train = config.model, config.optim, config.train
+    run = load_run(name)
+    model, optim, train, meta = run.model, run.optim, run.train, run.meta
     params = count_params(model)
-    reference = config.published_params or config.released_params
+    reference = meta.published_params or meta.released_params
     entry = {
         "name": name,
         "family": model.family,
-        "num_layers": model.num_layers,
+        **model.stack_depths,
         "d_model": model.d_model,
         "num_heads": model.num_heads,
         "head_dim": model.head_dim,
         "d_ff": model.d_ff,
         "vocab_size": model.vocab_size,
         "max_len": model.max_len,
-        "seq_len": config.data.seq_len,
+        "seq_len": run.data.seq_len,
         "params": params,
-        "published_params": config.published_params,
-        "released_params": config.released_params,
+        "published_params": meta.published_params,
+        "released_params": meta.released_params,
         "ratio": round(params / reference, 4) if reference else None,
         "batch_size": train.batch_size,
         "num_steps": train.num_steps,
@@ -347,11 +314,10 @@ def catalog_entry(name: str) -> dict[str, Any]:
         "optimizer": optim.name,
         "schedule": optim.schedule,
         "warmup_steps": optim.warmup_steps,
-        "hardware": config.hardware,
+        "hardware": meta.hardware,
     }
-    if model.family == "t5":
-        entry["num_decoder_layers"] = model.num_decoder_layers
-        entry["recipe"] = config.recipe
+    if meta.recipe:
+        entry["recipe"] = meta.recipe
     return entry
 
 
@@ -360,9 +326,7 @@ COLUMNS = ("name", "layers", "d_model", "heads", "head_dim", "d_ff", "vocab", "c
 
 
 def _cells(entry: dict[str, Any]) -> list[str]:
-    layers = str(entry["num_layers"])
-    if entry["family"] == "t5":
-        layers += f"+{entry['num_decoder_layers']}"
+    layers = "+".join(str(entry[k]) for k in ("num_layers", "num_decoder_layers") if k in entry)
     ratio = "-" if entry["ratio"] is None else f"{entry['ratio']:.3f}"
     schedule = entry["schedule"]
     if entry["warmup_steps"]:
@@ -402,30 +366,33 @@ def list_configs(family: str | None = None, fmt: str = "table") -> str:
 def show_config(name: str) -> str:
     """The whole resolved config of one row, its parameter count and per-device memory estimate."""
     family, arg = parse_name(name)
-    config = load_family(family).get_config(arg)
-    params = count_params(config.model)
-    lines = [f"# {config_name(family, arg)}", str(config).rstrip(), ""]
+    run = load_run(config_name(family, arg))
+    params = count_params(run.model)
+    lines = [
+        f"# {config_name(family, arg)}",
+        str(ml_collections.ConfigDict(run.to_dict())).rstrip(),
+    ]
     line = f"params: {params:,} ({_human(params)})"
     for label, reference in (
-        ("published", config.published_params),
-        ("released", config.released_params),
+        ("published", run.meta.published_params),
+        ("released", run.meta.released_params),
     ):
         if reference:
             line += f"; {label} {_human(reference)} (ratio {params / reference:.3f})"
-    lines.append(line)
+    lines += ["", line]
     try:
-        est = memory_estimate(config)
+        est = memory_estimate(run)
     except ValueError as err:  # a mesh that does not fit the named hardware
         lines.append(f"memory estimate unavailable: {err}")
         return "\n".join(lines) + "\n"
     mesh = " ".join(f"{k}={v}" for k, v in est["mesh"].items())
     lines.append(
         f"per device on {est['hardware']} ({est['devices']} devices, mesh {mesh}, "
-        f"micro-batch {est['micro_batch_per_device']} sequences, {config.model.dtype} activations, "
-        f"remat {config.model.remat}):"
+        f"micro-batch {est['micro_batch_per_device']} sequences, {run.model.dtype} activations, "
+        f"remat {run.model.remat}):"
     )
     labels = {"params_bytes": "params (float32)", "grads_bytes": "grads (float32)",
-              "optimizer_bytes": f"optimizer state ({config.optim.name})",
+              "optimizer_bytes": f"optimizer state ({run.optim.name})",
               "activation_bytes": "activations (estimate)", "total_bytes": "total"}  # fmt: skip
     for key, label in labels.items():
         lines.append(f"  {label:<28} {est[key] / GIB:9.2f} GiB")

@@ -1,4 +1,4 @@
-"""jaxgen.sweep: grid expansion, naming, sweep files, summaries, skip-done and failures.
+"""jaxgen.tools.sweep: grid expansion, naming, sweep files, summaries, skip-done and failures.
 
 Points run a tiny fake trainer (no jax) through the injectable `command`, so these tests take a
 second; the real 2×2 smoke-config sweep lives with the trainer's tests.
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxgen import cli, launch, sweep
+from jaxgen import cli
+from jaxgen.tools import launch, sweep
 
 FAKE_TRAIN = textwrap.dedent(
     """
@@ -333,5 +334,5 @@ def test_cli_rejects_unknown_arguments(tmp_path):
     args, extra = parser.parse_known_args(
         ["sweep", "--config", "c.py", "--workdir", str(tmp_path), "--sweep", "a=1", "--bogus"]
     )
-    with pytest.raises(sweep.SweepError, match="--bogus"):
+    with pytest.raises(cli.UsageError, match="--bogus"):
         args.func(args, extra)

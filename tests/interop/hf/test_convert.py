@@ -30,8 +30,8 @@ def _vocab() -> list[str]:
 
 
 def _run(argv: list[str]) -> int:
-    args = cli.build_parser().parse_args(argv)
-    return hf.convert_command(args)
+    args, extra = cli.build_parser().parse_known_args(argv)
+    return args.func(args, extra)
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""jaxgen.launch: exact gcloud commands and sbatch scripts; clear errors without the cloud tools."""
+"""jaxgen.tools.launch: exact gcloud commands and sbatch scripts; clear errors without gcloud."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from jaxgen import cli, launch
+from jaxgen import cli
+from jaxgen.tools import launch
 
 VM = launch.TpuVm("bert-pod", "us-central2-b", "v4-32", spot=True, project="my-proj")
 WHERE = "--zone=us-central2-b --project=my-proj"
@@ -235,7 +236,7 @@ def test_launch_tpu_creates_or_reuses_the_vm(tmp_path, monkeypatch, state, expec
     code = launch.launch_tpu(VM, f"{config}:x", "gs://b/r", runner=runner, query=query)
     assert code == 0
     assert [argv[4] for argv in ran] == [*expected, "scp", "ssh", "ssh", "ssh"]
-    assert "jaxgen/launch.py" in archives[0] and "configs/launch/cfg.py" in archives[0]
+    assert "jaxgen/tools/launch.py" in archives[0] and "configs/launch/cfg.py" in archives[0]
 
 
 def test_launch_tpu_failed_step_is_an_error(tmp_path, monkeypatch, capsys):
@@ -310,6 +311,7 @@ def test_cli_slurm_writes_and_submits(tmp_path, capsys, monkeypatch):
 
 
 def test_unknown_arguments_are_rejected(capsys):
-    args, extra = _parse(["launch", "tpu", "--name", "t", "--zone", "z", "--delete", "--bogus"])
-    assert args.func(args, extra) == 2
-    assert "--bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["launch", "tpu", "--name", "t", "--zone", "z", "--delete", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -1,12 +1,13 @@
-"""`jaxgen configs list|show` text (jaxgen.catalog): formats, names, counts and memory estimates."""
+"""`jaxgen configs list|show` (jaxgen.tools.catalog): formats, names, counts, memory estimates."""
 
 import json
 import os
 
 import pytest
 
-from jaxgen import catalog
+from jaxgen import objectives
 from jaxgen.config import REPO_ROOT
+from jaxgen.tools import catalog
 
 JSON_KEYS = {"name", "family", "num_layers", "d_model", "num_heads", "head_dim", "d_ff",
              "vocab_size", "max_len", "params", "published_params", "batch_size", "num_steps",
@@ -78,7 +79,7 @@ def test_hardware_devices():
      "configs/gpt.py:gpt3-175b", "configs/t5.py:t5-11b,final", "configs/t5.py:t5.1.1-xxl"],
 )  # fmt: skip
 def test_large_rows_fit_their_slice(name):
-    config = catalog.load_row(name)
+    config = catalog.load_run(name)
     estimate = catalog.memory_estimate(config)
     assert (
         estimate["devices"]
@@ -90,7 +91,7 @@ def test_large_rows_fit_their_slice(name):
 
 
 def test_memory_estimate_shards_params():
-    config = catalog.load_row("configs/gpt.py:gpt3-175b")
+    config = catalog.load_run("configs/gpt.py:gpt3-175b")
     estimate = catalog.memory_estimate(config)
     params = catalog.count_params(config.model)
     # Fully sharded over fsdp x tensor = 512, except leaves a mesh axis does not divide (the 50,257
@@ -104,6 +105,6 @@ def test_configs_found_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert catalog.configs_dir() == REPO_ROOT / "configs"
     (tmp_path / "configs").mkdir()
-    for family in catalog.FAMILIES:  # a local configs/ with all three files takes precedence
+    for family in objectives.FAMILIES:  # a local configs/ with all three files takes precedence
         os.symlink(REPO_ROOT / "configs" / f"{family}.py", tmp_path / "configs" / f"{family}.py")
     assert catalog.configs_dir() == tmp_path / "configs"
