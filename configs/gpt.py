@@ -142,7 +142,8 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             vocab_path="",  # '' = train a byte-level BPE of model.vocab_size on the corpus
             lowercase=False,
             seq_len=128,
-            eval_documents=16,  # ~10% of the built-in corpus's 168 sections
+            eval_fraction=0.1,  # ~17 of the built-in corpus's 168 sections
+            eval_documents=1,
             split_seed=0,  # picks the held-out documents; train.seed does not move them
             # GPT-2/3 pack documents separated by <|endoftext|> with no attention masking between
             # them.
@@ -189,6 +190,8 @@ def _paper_scale(config: ml_collections.ConfigDict, arg: str) -> None:
     config.model.dtype = "bfloat16"
     config.model.attention = "auto"
     config.train.update(eval_every=10_000, eval_steps=100, log_every=100, checkpoint_every=10_000)
+    # Held out: 0.1% of the documents of a web-scale corpus, at least 100.
+    config.data.update(eval_fraction=0.001, eval_documents=100)
 
 
 def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:

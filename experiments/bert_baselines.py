@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from jaxgen import config as config_lib
-from jaxgen.data import pipeline
 from jaxgen.data.source import DataSource
 from jaxgen.objectives import mlm_nsp
 from jaxgen.train.metrics import read_metrics
@@ -33,6 +32,14 @@ def _batches(source: DataSource, split: str, count: int) -> list[dict[str, np.nd
     data = source.run.phase_data(phases[-1]) if phases else source.run.data
     iterator = source.dataset(split, data)
     return [next(iterator) for _ in range(count)]
+
+
+def train_tokens(source: DataSource) -> np.ndarray:
+    """Every token of the train split's sentence pairs (all dupe_factor passes: the proportions
+    of a single pass)."""
+    records = source.source("train", source.run.data)
+    pairs = records.read(range(len(records)))
+    return np.concatenate([np.concatenate([p.tokens_a, p.tokens_b]) for p in pairs])
 
 
 def unigram_loss(train_ids: np.ndarray, eval_batches: list[dict], vocab_size: int) -> float:
@@ -78,9 +85,9 @@ def baselines(workdir: Path, train_batches: int = 40) -> dict[str, Any]:
     if not isinstance(config.data, mlm_nsp.Data):
         raise ValueError(f"{workdir} is a {config.family} run; this script reads BERT runs")
     source = DataSource(config, workdir)
-    tokenizer, eval_docs = source.tokenizer, source.eval_docs
+    tokenizer, manifest = source.tokenizer, source.manifest()
     eval_batches = _batches(source, "eval", int(config.train.eval_steps))
-    train_ids = pipeline.tokenize_documents(source.train_docs, tokenizer).ids
+    train_ids = train_tokens(source)
     special = np.asarray(tokenizer.special_ids)
     threshold, sign = fit_threshold(
         *overlap_feature(_batches(source, "train", train_batches), special)
@@ -89,7 +96,7 @@ def baselines(workdir: Path, train_batches: int = 40) -> dict[str, Any]:
     evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
     return {
         "eval_examples": len(labels),
-        "eval_documents": len(eval_docs),
+        "eval_documents": manifest["split"]["eval_documents"],
         "model_vocab_size": int(config.model.vocab_size),
         "tokenizer_vocab_size": int(tokenizer.vocab_size),
         "uniform_model_vocab": float(np.log(config.model.vocab_size)),

@@ -54,6 +54,33 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from jaxgen import config as config_lib
+    from jaxgen.data import prepare
+
+    overrides = [a for a in extra if a.startswith("--config.")]
+    runner_args = [a for a in extra if not a.startswith("--config.")]
+    if runner_args and args.runner != "beam":
+        raise UsageError(
+            f"jaxgen prepare: unrecognized arguments: {' '.join(runner_args)} (pipeline options "
+            "are for --runner beam)"
+        )
+    run = config_lib.load_config(args.config, overrides)
+    output = prepare.prepare(
+        run,
+        args.input,
+        args.output,
+        num_shards=args.num_shards,
+        workers=args.workers,
+        runner=args.runner,
+        runner_args=runner_args,
+        seed=args.seed,
+        tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 2**20),
+    )
+    print(f"prepared {output}: train with --config.data.corpus={output}")
+    return 0
+
+
 def _cmd_configs(args: argparse.Namespace, extra: list[str]) -> int:
     from jaxgen.tools import catalog
 
@@ -202,6 +229,36 @@ def _add_train(sub: Any) -> None:
     train.set_defaults(func=_cmd_train)
 
 
+def _add_prepare(sub: Any) -> None:
+    from jaxgen.data import prepare
+
+    parser = sub.add_parser(
+        "prepare",
+        help="write a corpus as sharded ArrayRecord files of a family's records",
+        epilog="--config.a.b=v overrides the data settings; with --runner beam, other arguments "
+        "are Beam pipeline options (e.g. --runner=DataflowRunner --project=... --region=...).",
+    )
+    parser.add_argument("--config", required=True, help="configs/<family>.py:<row>")
+    parser.add_argument(
+        "--input", action="append", required=True,
+        help="files, directories or globs (local or gs://), BERT-format text or JSONL, optionally "
+        ".gz; 'builtin' for the built-in corpus; repeatable",
+    )  # fmt: skip
+    parser.add_argument("--output", required=True, help="the prepared directory (or gs:// URL)")
+    per_shard = prepare.DEFAULT_SHARD_BYTES >> 20
+    parser.add_argument("--num_shards", type=int, default=None,
+                        help=f"default: one per {per_shard} MiB of input")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes")
+    parser.add_argument("--runner", choices=("local", "beam"), default="local")
+    parser.add_argument("--seed", type=int, default=None, help="default: the row's train.seed")
+    parser.add_argument(
+        "--tokenizer_sample_mb", type=float,
+        default=prepare.DEFAULT_TOKENIZER_SAMPLE_BYTES / 2**20,
+        help="train the tokenizer on a seeded sample of this much train text",
+    )  # fmt: skip
+    parser.set_defaults(func=_cmd_prepare)
+
+
 def _add_configs(sub: Any) -> None:
     from jaxgen.objectives import FAMILIES
 
@@ -336,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_configs, _add_sample, _add_convert, _add_sweep, _add_launch):
+    for add in (_add_train, _add_prepare, _add_configs, _add_sample, _add_convert, _add_sweep,
+                _add_launch):  # fmt: skip
         add(sub)
     return parser
 

@@ -150,10 +150,14 @@ def positive(section: Section, *keys: str) -> None:
 class DataConfig(Section):
     """Settings every family's data shares; each objective's `Data` adds its own.
 
-    corpus: 'builtin', a text/JSONL file or a directory of them. tokenizer: wordpiece, bpe or
-    sentencepiece. vocab_path: '' trains a vocabulary of model.vocab_size on the train split.
-    seq_len: tokens per example (T5: the encoder length). eval_documents: documents held out for
-    evaluation, drawn with split_seed. cache_dir: '' keeps tokenizers and token ids in the workdir.
+    corpus: 'builtin', text/JSONL files, directories or globs (local or gs://), or a directory made
+    by `jaxgen prepare`; anything but a prepared directory is prepared into the cache on first use.
+    tokenizer: wordpiece, bpe or sentencepiece. vocab_path: '' trains a vocabulary of
+    model.vocab_size on a sample of the train split. seq_len: tokens per example (T5: the encoder
+    length). Held out for evaluation: the documents whose hash (keyed by split_seed) falls in the
+    first eval_fraction of the hash space, or the eval_documents lowest hashes when that fraction
+    holds fewer (eval_fraction 0: exactly eval_documents). cache_dir: '' caches prepared corpora in
+    the workdir.
     """
 
     SECTION: ClassVar[str] = "data"
@@ -164,7 +168,8 @@ class DataConfig(Section):
     vocab_path: str = ""
     lowercase: bool = False
     seq_len: int = 128
-    eval_documents: int = 8
+    eval_fraction: float = 0.1
+    eval_documents: int = 1
     split_seed: int = 0
     cache_dir: str = ""
 
@@ -173,8 +178,16 @@ class DataConfig(Section):
         choice("data.tokenizer", self.tokenizer, self.TOKENIZERS)
         positive(self, "seq_len")
         require(
+            0.0 <= self.eval_fraction < 1.0,
+            f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}",
+        )
+        require(
             self.eval_documents >= 0,
             f"data.eval_documents must be >= 0, got {self.eval_documents}",
+        )
+        require(
+            self.eval_fraction > 0 or self.eval_documents > 0,
+            "data.eval_fraction and data.eval_documents are both 0: there is no eval split",
         )
 
 

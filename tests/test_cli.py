@@ -13,7 +13,7 @@ import pytest
 from jaxgen import cli
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = {"train", "configs", "sample", "convert", "sweep", "launch"}
+COMMANDS = {"train", "prepare", "configs", "sample", "convert", "sweep", "launch"}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

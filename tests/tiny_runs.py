@@ -15,6 +15,7 @@ _SHAPES = [
     # the same shapes, so the persistent compilation cache serves all test modules.
     "model.max_len=32",
     # 12 of the built-in corpus's 168 sections: fewer leave an eval of a few unusual paragraphs.
+    "data.eval_fraction=0",
     "data.eval_documents=12",
     "train.batch_size=8",
     "train.eval_steps=1",

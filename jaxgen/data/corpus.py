@@ -1,23 +1,32 @@
-"""Corpora as documents of sentences: the built-in Python reference text, BERT-format text, JSONL,
-or a directory.
+"""Corpora as streams of documents: the built-in Python reference text, BERT-format text and JSONL
+files (optionally gzip), local or `gs://`, named by paths, directories or globs.
 
 A document is a list of sentences (strings). NSP needs sentence boundaries, so every source is split
-into sentences here; the GPT and T5 pipelines simply join them again.
+into sentences here; the GPT and T5 objectives simply join them again.
+
+Inputs are read as byte ranges: `read_documents(file, start, end)` yields the documents that start
+in [start, end), so any number of readers can each take a range of a large file and together see
+every document exactly once. Gzip files and the built-in corpus are read whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob as glob_lib
+import gzip
 import hashlib
+import io
 import json
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import numpy as np
+from typing import IO
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
+GZIP_SUFFIX = ".gz"
 
 # A sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by whitespace and a
 # capital letter, a digit, or an opening quote/bracket. Lower-case continuations ("e.g. the") do not
@@ -139,75 +148,233 @@ def builtin_documents() -> list[list[str]]:
     return [kept[i] for i in sorted(kept)]
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise CorpusError(f"{path} is not a text file (it contains NUL bytes)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from err
+# ------------------------------------------------------------------------------------------ inputs
 
 
-def _bert_format_documents(path: Path) -> list[list[str]]:
-    """One sentence per line, blank lines between documents (google-research/bert's format)."""
-    docs: list[list[str]] = [[]]
-    for line in _read_text(path).splitlines():
-        line = line.strip()
-        if not line:
-            docs.append([])
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """One input of a corpus: 'builtin', a local path or a URL (gs://...), and its size in bytes."""
+
+    path: str
+    size: int
+
+    @property
+    def compressed(self) -> bool:
+        """Gzip: read whole, never split into byte ranges."""
+        return self.path.lower().endswith(GZIP_SUFFIX)
+
+    @property
+    def jsonl(self) -> bool:
+        """JSONL with a 'text' field per line (else BERT-format text)."""
+        name = self.path.lower().removesuffix(GZIP_SUFFIX)
+        return name.endswith(JSONL_SUFFIXES)
+
+    @property
+    def splittable(self) -> bool:
+        """Whether readers may take byte ranges of it."""
+        return self.path != BUILTIN and not self.compressed
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """A document: where it starts in its file and its sentences."""
+
+    offset: int
+    sentences: list[str]
+
+    @property
+    def text(self) -> str:
+        """The sentences, one per line (what the document hash is taken of)."""
+        return "\n".join(self.sentences)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _corpus_suffix(name: str) -> bool:
+    name = name.lower().removesuffix(GZIP_SUFFIX)
+    return name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+
+
+def _expand(pattern: str) -> list[tuple[str, int]]:
+    """(path, size) of the files a path, directory or glob names (local or a URL)."""
+    if _is_url(pattern):
+        from etils import epath
+
+        path = epath.Path(pattern)
+        if any(c in pattern for c in "*?["):
+            base = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)]
+            base = base[: base.rindex("/") + 1]
+            matches = list(epath.Path(base).glob(pattern[len(base) :]))
+        elif path.is_dir():
+            matches = [p for p in path.rglob("*") if _corpus_suffix(p.name)]
         else:
-            docs[-1].append(line)
-    return [doc for doc in docs if doc]
+            matches = [path] if path.exists() else []
+        return [(str(p), p.stat().length) for p in matches if not p.is_dir()]
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+        found = [str(p) for p in Path(pattern).rglob("*") if p.is_file() and _corpus_suffix(p.name)]
+        if not found:
+            raise CorpusError(
+                f"corpus directory {pattern} has no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} "
+                "files (optionally .gz)"
+            )
+    elif any(c in pattern for c in "*?["):
+        found = [p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)]
+    else:
+        found = [pattern] if os.path.isfile(pattern) else []
+        if not found:
+            raise CorpusError(f"corpus path {pattern} does not exist")
+    return [(p, os.path.getsize(p)) for p in found]
 
 
-def _jsonl_documents(path: Path) -> list[list[str]]:
+def list_inputs(patterns: str | Sequence[str]) -> list[InputFile]:
+    """The sorted, distinct input files of 'builtin', paths, directories and globs.
+
+    Raises CorpusError for a glob that matches nothing or an empty file, naming it.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise CorpusError("no corpus input given")
+    files: dict[str, int] = {}
+    for pattern in patterns:
+        if pattern == BUILTIN:
+            files[BUILTIN] = sum(len(s) + 1 for doc in builtin_documents() for s in doc)
+            continue
+        matches = _expand(pattern)
+        if not matches:
+            raise CorpusError(f"the input glob {pattern!r} matches no file")
+        files.update(matches)
+    for path, size in files.items():
+        if size == 0:
+            raise CorpusError(f"input file {path} is empty")
+    return [InputFile(path, files[path]) for path in sorted(files)]
+
+
+def _open(path: str) -> IO[bytes]:
+    if _is_url(path):
+        from etils import epath
+
+        handle = epath.Path(path).open("rb")
+    else:
+        handle = open(path, "rb")
+    return gzip.open(handle) if path.lower().endswith(GZIP_SUFFIX) else handle
+
+
+def _decode(path: str, offset: int, line: bytes) -> str:
+    if b"\x00" in line:
+        raise CorpusError(f"{path} is not a text file (a NUL byte near offset {offset})")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{path} is not UTF-8 text (byte {offset + err.start}: {err.reason})"
+        ) from err
+
+
+def _previous_line_blank(handle: IO[bytes], line_start: int) -> bool:
+    """Whether the line before the one starting at `line_start` (> 0) is blank."""
+    end = line_start - 1  # the newline that ends the previous line
+    while end > 0:
+        begin = max(0, end - 4096)
+        handle.seek(begin)
+        block = handle.read(end - begin)
+        newline = block.rfind(b"\n")
+        if block[newline + 1 :].strip():
+            return False
+        if newline >= 0:
+            return True
+        end = begin
+    return True
+
+
+def _line_start(handle: IO[bytes], start: int) -> int:
+    """The offset of the first line that starts at or after `start`."""
+    if start == 0:
+        return 0
+    handle.seek(start - 1)
+    if handle.read(1) != b"\n":
+        handle.readline()  # the rest of a line that began before `start`
+    return handle.tell()
+
+
+def _lines(handle: IO[bytes], offset: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of every line from `offset` (a line start) on."""
+    handle.seek(offset)
+    for line in iter(handle.readline, b""):
+        yield offset, line
+        offset += len(line)
+
+
+def _bert_format(path: str, handle: IO[bytes], start: int, end: float) -> Iterator[Document]:
+    """One sentence per line, blank lines between documents (google-research/bert's format)."""
+    first = _line_start(handle, start)
+    # A document that began before `start` belongs to the range before this one: skip its lines.
+    inside_earlier = first > 0 and not _previous_line_blank(handle, first)
+    current: Document | None = None
+    for offset, raw in _lines(handle, first):
+        line = _decode(path, offset, raw).strip()
+        if not line:
+            if current is not None:
+                yield current
+            current, inside_earlier = None, False
+        elif inside_earlier:
+            continue
+        elif current is None:
+            if offset >= end:
+                return
+            current = Document(offset, [line])
+        else:
+            current.sentences.append(line)
+    if current is not None:
+        yield current
+
+
+def _jsonl(path: str, handle: IO[bytes], start: int, end: float) -> Iterator[Document]:
     """One JSON object per line with a string 'text' field; each text is split into sentences."""
-    docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for offset, raw in _lines(handle, _line_start(handle, start)):
+        if offset >= end:
+            return
+        line = _decode(path, offset, raw)
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            raise CorpusError(f"{path} at byte {offset}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise CorpusError(f"{path}:{number}: each JSONL line needs a string 'text' field")
+            raise CorpusError(f"{path} at byte {offset}: each JSONL line needs a string 'text'")
         sentences = [s for para in record["text"].split("\n") for s in split_sentences(para)]
         if sentences:
-            docs.append(sentences)
-    return docs
+            yield Document(offset, sentences)
 
 
-def _file_documents(path: Path) -> list[list[str]]:
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return _jsonl_documents(path)
-    return _bert_format_documents(path)
+def read_documents(file: InputFile, start: int = 0, end: int | None = None) -> Iterator[Document]:
+    """The documents of `file` that start in the byte range [start, end) (whole unsplittable
+    files: start must be 0)."""
+    end = file.size if end is None else end
+    if file.path == BUILTIN:
+        offset = 0
+        for sentences in builtin_documents():
+            yield Document(offset, sentences)
+            offset += sum(len(s) + 1 for s in sentences)
+        return
+    if start and not file.splittable:
+        raise ValueError(f"{file.path} is read whole; got a range starting at {start}")
+    end = float("inf") if not file.splittable else end
+    with _open(file.path) as raw:
+        handle = raw if file.splittable else io.BufferedReader(raw)
+        reader = _jsonl if file.jsonl else _bert_format
+        yield from reader(file.path, handle, start, end)
 
 
-def load_documents(spec: str, min_documents: int = 1) -> list[list[str]]:
-    """Documents (lists of sentences) of 'builtin', a text/JSONL file, or a directory of them."""
-    if spec == BUILTIN:
-        docs, where = builtin_documents(), "the built-in corpus"
-    else:
-        path = Path(spec).expanduser()
-        where = str(path)
-        if not path.exists():
-            raise CorpusError(f"corpus path {path} does not exist")
-        if path.is_dir():
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
-            )
-            if not files:
-                raise CorpusError(
-                    f"corpus directory {path} has no "
-                    f"{'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files"
-                )
-            docs = [doc for file in files for doc in _file_documents(file)]
-        else:
-            docs = _file_documents(path)
+def load_documents(spec: str | Sequence[str], min_documents: int = 1) -> list[list[str]]:
+    """Every document (a list of sentences) of 'builtin', files, directories or globs, in memory;
+    for small corpora and tests (training streams through `jaxgen.data.prepare`)."""
+    files = list_inputs(spec)
+    docs = [doc.sentences for file in files for doc in read_documents(file)]
+    where = ", ".join(f.path for f in files)
     if not docs:
         raise CorpusError(f"corpus {where} is empty (no documents with text)")
     if len(docs) < min_documents:
@@ -218,33 +385,7 @@ def load_documents(spec: str, min_documents: int = 1) -> list[list[str]]:
     return docs
 
 
-def split_indices(
-    num_documents: int, eval_documents: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic held-out split of document indices: (train [N - E], eval [E]), each sorted."""
-    if not 0 <= eval_documents < num_documents:
-        raise CorpusError(
-            f"eval_documents={eval_documents} must be in [0, {num_documents}) for a corpus of "
-            f"{num_documents} documents"
-        )
-    order = np.random.default_rng([seed, 0x5EED]).permutation(num_documents)
-    return np.sort(order[eval_documents:]), np.sort(order[:eval_documents])
-
-
-def split_documents(
-    docs: Sequence[list[str]], eval_documents: int, seed: int
-) -> tuple[list[list[str]], list[list[str]]]:
-    """(train, eval) documents: `eval_documents` held out, chosen deterministically by seed."""
-    train, held_out = split_indices(len(docs), eval_documents, seed)
-    return [docs[i] for i in train], [docs[i] for i in held_out]
-
-
-def corpus_hash(docs: Sequence[Sequence[str]]) -> str:
-    """A content hash of documents (sentences and boundaries), used as a cache key."""
-    digest = hashlib.sha256()
-    for doc in docs:
-        for sentence in doc:
-            digest.update(sentence.encode("utf-8"))
-            digest.update(b"\n")
-        digest.update(b"\x00")
-    return digest.hexdigest()
+def document_hash(text: str, key: int = 0) -> int:
+    """A stable 64-bit hash of a document's text, keyed (e.g. by data.split_seed)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key.to_bytes(8, "little"))
+    return int.from_bytes(digest.digest(), "little")

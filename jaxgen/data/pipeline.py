@@ -15,14 +15,8 @@ Tokenizing is the slow part, so token ids are cached (in memory, and as .npz in 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -30,117 +24,13 @@ import numpy as np
 
 from jaxgen import objectives
 from jaxgen.config import DataConfig
-from jaxgen.data.corpus import corpus_hash
 from jaxgen.data.tokenizer import Tokenizer
 from jaxgen.models.config import ModelConfig
 from jaxgen.objectives import DataError, Objective
 
-__all__ = ["DataError", "DataIterator", "TokenizedCorpus", "build_dataset", "tokenize_documents"]
+__all__ = ["DataError", "DataIterator", "build_dataset", "pipeline_throughput"]
 
 SPLITS = ("train", "eval")
-_TOKEN_CACHE: dict[str, TokenizedCorpus] = {}
-_RECORD_CACHE: dict[tuple, Any] = {}
-_RECORD_CACHE_SIZE = 8
-
-
-# ------------------------------------------------------------------------------------------ tokens
-
-
-@dataclasses.dataclass
-class TokenizedCorpus:
-    """All token ids of a corpus, flat, with sentence and document boundaries."""
-
-    ids: np.ndarray  # [num_tokens] int32
-    sentence_starts: np.ndarray  # [num_sentences + 1] int64 offsets into ids
-    document_starts: np.ndarray  # [num_documents + 1] int64 offsets into sentences
-
-    @property
-    def num_documents(self) -> int:
-        """Number of documents (including any that lost all their sentences to tokenization)."""
-        return len(self.document_starts) - 1
-
-    def sentences(self, document: int) -> list[np.ndarray]:
-        """The non-empty sentences of one document, each [len] int32."""
-        first, last = self.document_starts[document], self.document_starts[document + 1]
-        starts = self.sentence_starts[first : last + 1]
-        return [self.ids[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a]
-
-    def tokens(self, document: int) -> np.ndarray:
-        """All token ids of one document, [len] int32."""
-        first, last = self.document_starts[document], self.document_starts[document + 1]
-        return self.ids[self.sentence_starts[first] : self.sentence_starts[last]]
-
-
-def tokenize_documents(
-    documents: Sequence[Sequence[str]],
-    tokenizer: Tokenizer,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    use_cache: bool = True,
-) -> TokenizedCorpus:
-    """Tokenizes every sentence, reusing a copy in memory or in `cache_dir/tokens-<hash>.npz`."""
-    key = hashlib.sha256(f"{tokenizer.fingerprint}|{corpus_hash(documents)}".encode()).hexdigest()[
-        :20
-    ]
-    if use_cache and key in _TOKEN_CACHE:
-        return _TOKEN_CACHE[key]
-    file = Path(cache_dir) / f"tokens-{key}.npz" if cache_dir else None
-    if use_cache and file is not None and file.is_file():
-        with np.load(file) as data:
-            corpus = TokenizedCorpus(data["ids"], data["sentence_starts"], data["document_starts"])
-    else:
-        sentences = [s for doc in documents for s in doc]
-        lengths, chunks = [], []
-        for start in range(0, len(sentences), 8192):  # bounded memory for big corpora
-            encoded = tokenizer.encode_batch(sentences[start : start + 8192])
-            lengths.extend(len(e) for e in encoded)
-            chunks.extend(np.asarray(e, dtype=np.int32) for e in encoded)
-        ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-        sentence_starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        document_starts = np.concatenate(
-            [[0], np.cumsum([len(doc) for doc in documents], dtype=np.int64)]
-        )
-        corpus = TokenizedCorpus(ids, sentence_starts, document_starts)
-        if use_cache and file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            # Written under a temporary name and renamed: a crash never leaves a truncated cache.
-            fd, tmp = tempfile.mkstemp(prefix=file.name, suffix=".tmp.npz", dir=file.parent)
-            os.close(fd)
-            np.savez(tmp, ids=ids, sentence_starts=sentence_starts, document_starts=document_starts)
-            os.replace(tmp, file)
-    if use_cache:
-        _TOKEN_CACHE[key] = corpus
-    return corpus
-
-
-# ----------------------------------------------------------------------------------------- records
-
-
-class _Records:
-    """A random-access source whose element i is (i, record); the index keys static masks."""
-
-    def __init__(self, records: Sequence[Any] | dict[str, np.ndarray]):
-        self._records = records
-        self._length = (
-            len(next(iter(records.values()))) if isinstance(records, dict) else len(records)
-        )
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        index = int(index) % self._length
-        if isinstance(self._records, dict):
-            return index, {k: v[index] for k, v in self._records.items()}
-        return index, self._records[index]
-
-
-def _cached(key: tuple, build: Callable[[], Any]) -> Any:
-    if key not in _RECORD_CACHE:
-        if len(_RECORD_CACHE) >= _RECORD_CACHE_SIZE:
-            _RECORD_CACHE.pop(next(iter(_RECORD_CACHE)))
-        _RECORD_CACHE[key] = build()
-    return _RECORD_CACHE[key]
 
 
 def _collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -189,7 +79,7 @@ def build_dataset(
     model: ModelConfig,
     data: DataConfig,
     tokenizer: Tokenizer,
-    documents: Sequence[Sequence[str]],
+    source: Any,
     split: str,
     *,
     seed: int,
@@ -198,16 +88,16 @@ def build_dataset(
     process_count: int = 1,
     num_batches: int | None = None,
     start_example: int = 0,
-    cache_dir: str | os.PathLike | None = None,
     prefetch: int = 2,
 ) -> DataIterator:
-    """This process's rows of each global batch of `global_batch_size` examples of `documents`.
+    """This process's rows of each global batch of `global_batch_size` examples of `source`.
 
-    The global batch is the same for any process_count; each process builds only its rows. split
-    'train' repeats forever, reshuffled each epoch, from example `start_example` of the stream on
-    (a batch-size ramp continues the stream); 'eval' yields `num_batches` batches (default: one
-    pass over the held-out examples, at least one batch), the same ones on every call. cache_dir:
-    where token ids are cached. Every batch is checked against the objective's batch spec.
+    source: random access to decoded records (`len`, `read(indices)`; a
+    `jaxgen.data.reader.PreparedSource`). The global batch is the same for any process_count;
+    each process builds only its rows. split 'train' repeats forever, reshuffled each epoch, from
+    example `start_example` of the stream on (a batch-size ramp continues the stream); 'eval'
+    yields `num_batches` batches (default: one pass over the held-out examples, at least one
+    batch), the same ones on every call. Every batch is checked against the objective's spec.
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -229,18 +119,8 @@ def build_dataset(
         objective.check(model, data)
     except ValueError as err:
         raise DataError(str(err)) from err
-
-    corpus = tokenize_documents(documents, tokenizer, cache_dir)
-    corpus_key = f"{tokenizer.fingerprint}|{corpus_hash(documents)}"
-    key = (objective.__name__, corpus_key, split, seed, tuple(sorted(data.to_dict().items())))
-    records = _Records(
-        _cached(key, lambda: objective.make_records(corpus, tokenizer, data, split, seed))
-    )
-    if not len(records):
-        raise DataError(
-            f"the {split} split yields no examples of data.seq_len={data.seq_len} "
-            f"({len(documents)} documents, {len(corpus.ids)} tokens)"
-        )
+    if not len(source):
+        raise DataError(f"the {split} split has no examples of data.seq_len={data.seq_len}")
     make = objective.example_fn(tokenizer, data, split, seed)
 
     # Train: a new permutation each epoch. Eval: one fixed order (it never reaches a second epoch
@@ -251,19 +131,22 @@ def build_dataset(
     else:
         order = [objectives.EVAL_SEED, objectives.TAG_EVAL]
     shuffle_seed = int(np.random.SeedSequence(order).generate_state(1)[0])
-    source = grain.MapDataset.source(records).shuffle(seed=shuffle_seed)
+    indices = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat()
     if split == "train":
         total = sys.maxsize
     else:
-        total = num_batches or max(1, len(records) // global_batch_size)
-    examples = source.repeat().map_with_index(lambda i, item: make(i, *item))
-
+        total = num_batches or max(1, len(source) // global_batch_size)
     rows = global_batch_size // process_count
     offset = start_example + process_index * rows
 
     def batch(index: int) -> dict[str, np.ndarray]:
-        start = index * global_batch_size + offset
-        local = _collate([examples[start + j] for j in range(rows)])
+        positions = range(index * global_batch_size + offset, index * global_batch_size + offset
+                          + rows)  # fmt: skip
+        chosen = [int(indices[p]) for p in positions]
+        records = source.read(chosen)
+        local = _collate(
+            [make(p, i, r) for p, i, r in zip(positions, chosen, records, strict=True)]
+        )
         objectives.check_batch(objective, local, model, data, rows)
         return local
 
@@ -273,48 +156,29 @@ def build_dataset(
         "seed": seed,
         "global_batch_size": global_batch_size,
         "seq_len": data.seq_len,
-        "num_records": len(records),
+        "num_records": len(source),
     }
+    if getattr(source, "hash", None):
+        signature["records"] = source.hash
     if start_example:
         signature["start_example"] = start_example
     batches = grain.MapDataset.range(total).map(batch)
     return DataIterator(batches, signature, None if split == "train" else total, prefetch)
 
 
-def pipeline_throughput(
-    objective: Objective,
-    model: ModelConfig,
-    data: DataConfig,
-    tokenizer: Tokenizer,
-    documents: Sequence[Sequence[str]],
-    *,
-    global_batch_size: int,
-    num_batches: int = 20,
-) -> dict[str, float]:
-    """Times the data path from raw text to batches: tokenization (uncached), then batch making.
-
-    Returns tokenize_seconds, tokenize_tokens_per_sec, first_batch_seconds (pair creation etc.),
-    examples_per_sec and batches_per_sec (steady state, no prefetch threads).
-    """
+def pipeline_throughput(iterator: DataIterator, num_batches: int = 20) -> dict[str, float]:
+    """Times an iterator (built with prefetch=0): first-batch seconds, then examples/s and
+    batches/s in the steady state."""
     start = time.perf_counter()
-    corpus = tokenize_documents(documents, tokenizer, use_cache=False)
-    tokenize_seconds = time.perf_counter() - start
-    _RECORD_CACHE.clear()
-    start = time.perf_counter()
-    iterator = build_dataset(
-        objective, model, data, tokenizer, documents, "train",
-        seed=0, global_batch_size=global_batch_size, prefetch=0,
-    )  # fmt: skip
-    next(iterator)
+    first = next(iterator)
     first_batch_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(num_batches):
         next(iterator)
     seconds = time.perf_counter() - start
+    rows = len(next(iter(first.values())))
     return {
-        "tokenize_seconds": tokenize_seconds,
-        "tokenize_tokens_per_sec": len(corpus.ids) / max(tokenize_seconds, 1e-9),
         "first_batch_seconds": first_batch_seconds,
-        "examples_per_sec": num_batches * global_batch_size / seconds,
+        "examples_per_sec": num_batches * rows / seconds,
         "batches_per_sec": num_batches / seconds,
     }

@@ -1,13 +1,19 @@
-"""What a run reads: its corpus split into train and held-out documents, its tokenizer, its batches.
+"""What a run reads: a prepared directory per data setting, its tokenizer, its batches.
 
-The corpus is loaded and split here and nowhere else; the tokenizer is trained once on the train
-documents (or loaded from `data.vocab_path`) and kept in `workdir/tokenizer/`, so a resumed run and
-`jaxgen sample` use exactly the same one.
+`data.corpus` names a directory made by `jaxgen prepare`, or anything `jaxgen.data.corpus` reads
+('builtin', files, directories, globs); the latter is prepared into the cache on first use, so
+every run reads prepared records the same way. The run keeps its tokenizer in `workdir/tokenizer/`
+(what `jaxgen sample` and a resumed run use); every prepared directory it reads must have been
+made with that same tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,43 +22,99 @@ import jax
 from jaxgen import objectives
 from jaxgen.config import DataConfig, RunConfig
 from jaxgen.data import corpus as corpus_lib
-from jaxgen.data import pipeline
+from jaxgen.data import pipeline, prepare, records
 from jaxgen.data import tokenizer as tokenizer_lib
+from jaxgen.data.reader import PreparedSource
+from jaxgen.objectives import DataError
 
 
 class DataSource:
-    """Corpus split, tokenizer and datasets of one run (the tokenizer cached in the workdir)."""
+    """The prepared records, tokenizer and datasets of one run."""
 
     def __init__(self, run: RunConfig, workdir: str | os.PathLike) -> None:
-        workdir = Path(workdir)
-        data = run.data
         self.run = run
         self.objective = objectives.get(run.family)
-        documents = corpus_lib.load_documents(
-            data.corpus, min_documents=self.objective.MIN_DOCUMENTS
+        self.workdir = Path(workdir)
+        data = run.data
+        self.cache_dir = Path(data.cache_dir) if data.cache_dir else self.workdir / "cache"
+        self._roots: dict[DataConfig, str] = {}
+        self._sources: dict[tuple[DataConfig, str], PreparedSource] = {}
+        root = self.prepared(data)
+        tokenizer_dir = self.workdir / "tokenizer"
+        if not tokenizer_dir.exists() and jax.process_index() == 0:
+            # Copied under a temporary name and renamed: the other processes of a multi-host run
+            # check for this directory at the same moment and must never load half of it.
+            tmp = Path(tempfile.mkdtemp(prefix="tokenizer.tmp", dir=self.workdir))
+            tokenizer_lib.load_tokenizer(prepare.local_dir(root) / "tokenizer").save(tmp)
+            os.replace(tmp, tokenizer_dir)
+        self.tokenizer = tokenizer_lib.load_tokenizer(
+            tokenizer_dir if tokenizer_dir.exists() else prepare.local_dir(root) / "tokenizer"
         )
-        self.train_docs, self.eval_docs = corpus_lib.split_documents(
-            documents, data.eval_documents, data.split_seed
-        )
-        self.cache_dir = Path(data.cache_dir) if data.cache_dir else workdir / "cache"
-        tokenizer_dir = workdir / "tokenizer"
-        if tokenizer_dir.exists():
-            self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-        else:
-            self.tokenizer = tokenizer_lib.build_tokenizer(
-                data, self.train_docs, run.model.vocab_size, self.cache_dir
-            )
-            if jax.process_index() == 0:
-                # Saved under a temporary name and renamed: the other processes of a multi-host run
-                # check for this directory at the same moment and must never load half of it.
-                tmp = Path(tempfile.mkdtemp(prefix="tokenizer.tmp", dir=workdir))
-                self.tokenizer.save(tmp)
-                os.replace(tmp, tokenizer_dir)
+        self._check_tokenizer(root)
         if self.tokenizer.vocab_size > run.model.vocab_size:
-            raise pipeline.DataError(
+            raise DataError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                 f"{run.model.vocab_size}; raise model.vocab_size or use a smaller vocabulary"
             )
+
+    def manifest(self, data: DataConfig | None = None) -> dict:
+        """The manifest of the prepared directory of `data` (default the run's)."""
+        return records.load_manifest(self.prepared(data or self.run.data))
+
+    def prepared(self, data: DataConfig) -> str:
+        """The prepared directory of these data settings: `data.corpus` itself, or the cache's
+        copy of it, prepared now when missing."""
+        if data in self._roots:
+            return self._roots[data]
+        if records.is_prepared(data.corpus):
+            root = data.corpus
+        else:
+            root = str(self._prepare_into_cache(data))
+        records.check_manifest(records.load_manifest(root), root, self.run.family, data)
+        self._roots[data] = root
+        return root
+
+    def _prepare_into_cache(self, data: DataConfig) -> Path:
+        run = self.run
+        files = corpus_lib.list_inputs(data.corpus)
+        stamp = [(f.path, f.size, _mtime(f.path)) for f in files]
+        settings = prepare.command_settings(run, files, 0, run.train.seed)
+        key = hashlib.sha256(json.dumps([stamp, settings], sort_keys=True).encode()).hexdigest()
+        target = self.cache_dir / f"prepared-{run.family}-{key[:16]}"
+        if (target / records.COMPLETED).is_file():
+            return target
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Every process of a multi-host run may prepare at once: each into its own directory, the
+        # first to finish renames it into place (the content is the same).
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=self.cache_dir))
+        phase_run = dataclasses.replace(run, data=data)
+        try:
+            prepare.prepare(phase_run, data.corpus, tmp)
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / records.COMPLETED).is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _check_tokenizer(self, root: str) -> None:
+        made_with = records.load_manifest(root)["tokenizer"]["fingerprint"]
+        if made_with != self.tokenizer.fingerprint:
+            raise DataError(
+                f"{root} was prepared with another tokenizer than this run's "
+                f"({self.workdir / 'tokenizer'}): prepare the corpus with the run's vocabulary "
+                "(data.vocab_path), or use a new --workdir"
+            )
+
+    def source(self, split: str, data: DataConfig) -> PreparedSource:
+        """Random access to the records of one split of the data's prepared directory."""
+        key = (data, split)
+        if key not in self._sources:
+            root = self.prepared(data)
+            self._check_tokenizer(root)
+            self._sources[key] = PreparedSource(root, split, data)
+        return self._sources[key]
 
     def dataset(
         self,
@@ -67,13 +129,14 @@ class DataSource:
         data: a phase's data settings (default the run's); global_batch_size: default
         train.batch_size; eval yields train.eval_steps batches.
         """
+        data = data or self.run.data
         train = self.run.train
         return pipeline.build_dataset(
             self.objective,
             self.run.model,
-            data or self.run.data,
+            data,
             self.tokenizer,
-            self.train_docs if split == "train" else self.eval_docs,
+            self.source(split, data),
             split,
             seed=train.seed,
             global_batch_size=global_batch_size or train.batch_size,
@@ -81,5 +144,8 @@ class DataSource:
             process_count=jax.process_count(),
             num_batches=train.eval_steps if split == "eval" else None,
             start_example=start_example,
-            cache_dir=self.cache_dir,
         )
+
+
+def _mtime(path: str) -> float:
+    return os.path.getmtime(path) if os.path.isfile(path) else 0.0

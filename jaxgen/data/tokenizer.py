@@ -17,8 +17,6 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -474,43 +472,3 @@ def _read(file: Path) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise TokenizerError(f"{file} is not UTF-8 text") from err
-
-
-def build_tokenizer(
-    data: DataConfig,
-    documents: Sequence[Sequence[str]],
-    vocab_size: int,
-    cache_dir: str | os.PathLike,
-) -> Tokenizer:
-    """The tokenizer a run uses: loaded from `data.vocab_path`, else trained once and cached.
-
-    The cache entry lives in `cache_dir/tokenizer-<kind>-<hash>/`, keyed by the corpus content,
-    kind, vocab_size and lower-casing, so a changed corpus or setting trains afresh.
-    """
-    from jaxgen.data.corpus import corpus_hash
-
-    kind, lowercase, vocab_path = data.tokenizer, data.lowercase, data.vocab_path
-    if vocab_path:
-        return load_vocabulary(kind, vocab_path, lowercase)
-    key = hashlib.sha256(
-        json.dumps(
-            [_FORMAT_VERSION, kind, int(vocab_size), lowercase, corpus_hash(documents)]
-        ).encode()
-    ).hexdigest()[:16]
-    target = Path(cache_dir) / f"tokenizer-{kind}-{key}"
-    if (target / META_FILE).is_file():
-        return load_tokenizer(target)
-    sentences = [sentence for doc in documents for sentence in doc]
-    tokenizer = train_tokenizer(kind, sentences, int(vocab_size), lowercase)
-    # Write to a temporary sibling and rename, so an interrupted run never leaves half a tokenizer.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        tokenizer.save(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / META_FILE).is_file():  # someone else won the race: use theirs
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer

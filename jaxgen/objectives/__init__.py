@@ -16,7 +16,7 @@ others.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -50,11 +50,13 @@ class Objective(Protocol):
 
     Data: its `config.data` section class (a `jaxgen.config.DataConfig`).
     MIN_DOCUMENTS: documents a corpus split needs. LOSS_TERMS: metrics whose means sum to the loss.
+    RECORD_KEYS: the data keys that shape its prepared records (`jaxgen prepare`).
     """
 
     Data: type[DataConfig]
     MIN_DOCUMENTS: int
     LOSS_TERMS: tuple[str, ...]
+    RECORD_KEYS: tuple[str, ...]
 
     def check(self, model: ModelConfig, data: DataConfig) -> None:
         """Raises ConfigError when these data settings cannot feed this model."""
@@ -74,9 +76,18 @@ class Objective(Protocol):
         """A valid random batch of the spec (padding and weights included), for tests, benches."""
 
     def make_records(
-        self, corpus: Any, tokenizer: Any, data: DataConfig, split: str, seed: int
-    ) -> Sequence[Any] | dict[str, np.ndarray]:
-        """The deterministic part of example making: a sequence (or dict of arrays) of records."""
+        self, corpus: Any, tokenizer: Any, data: DataConfig, split: str, seed: int, shard: int = 0
+    ) -> Iterable[Any]:
+        """The deterministic part of example making: the records of one shard of a split."""
+
+    def encode_record(self, record: Any, dtype: np.dtype, data: DataConfig) -> bytes:
+        """A record as the bytes of one ArrayRecord entry (tokens as `dtype`)."""
+
+    def decode_record(self, raw: bytes, dtype: np.dtype, data: DataConfig) -> Any:
+        """The inverse of encode_record."""
+
+    def record_tokens(self, record: Any) -> int:
+        """Tokens a record holds (the manifest's counts)."""
 
     def example_fn(
         self, tokenizer: Any, data: DataConfig, split: str, seed: int

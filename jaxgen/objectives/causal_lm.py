@@ -1,8 +1,9 @@
 """GPT's objective: documents packed into fixed-length windows and next-token cross-entropy.
 
-Host side (numpy, used by the data pipeline): `pack_documents` joins tokenized documents, each
-followed by an end-of-text token, into one stream and cuts it into windows of `seq_len + 1` tokens;
-inputs are a window without its last token, targets the window without its first. With
+Host side (numpy): `pack_windows` joins tokenized documents, each followed by an end-of-text token,
+into one stream and cuts it into windows of `seq_len + 1` tokens (the prepared records);
+`window_examples` makes a window's example: inputs are the window without its last token, targets
+the window without its first. With
 `separate_documents` packed documents are kept apart: segment ids number them inside a window,
 positions restart at each document, and no loss is taken on a target from another document.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -33,6 +34,8 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 MIN_DOCUMENTS = 1
 LOSS_TERMS = ("loss",)
+# The data keys that shape the prepared records (the rest act when they are read).
+RECORD_KEYS = ("seq_len", "separate_documents")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +56,14 @@ def check(model: ModelConfig, data: Data) -> None:
     )
 
 
-def pack_documents(
-    docs: list[np.ndarray], seq_len: int, eos_id: int, separate_documents: bool
-) -> dict[str, np.ndarray]:
-    """Packs token documents into [num_seqs, seq_len] arrays.
+def pack_windows(
+    docs: Sequence[np.ndarray], seq_len: int, eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Joins token documents, each closed by eos, and cuts windows of seq_len + 1 tokens.
 
-    Returns input_ids, target_ids, positions, segment_ids (int32) and weights (float32).
+    Returns tokens [N, seq_len + 1] int32 and, per token, its document's index relative to the
+    window's first token [N, seq_len + 1] int32 (0 for the document the window starts in). The
+    incomplete tail is dropped.
     """
     if seq_len < 1:
         raise ValueError(f"{seq_len=} must be at least 1")
@@ -70,8 +75,18 @@ def pack_documents(
         doc_ids.append(np.full(doc.size + 1, i, np.int64))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     owner = np.concatenate(doc_ids) if doc_ids else np.zeros(0, np.int64)
-    num_seqs = stream.size // window  # the incomplete tail is dropped
+    num_seqs = stream.size // window
     tokens = stream[: num_seqs * window].reshape(num_seqs, window)
+    owner = owner[: num_seqs * window].reshape(num_seqs, window)
+    return tokens, (owner - owner[:, :1]).astype(np.int32)
+
+
+def window_examples(
+    tokens: np.ndarray, owner: np.ndarray, separate_documents: bool
+) -> dict[str, np.ndarray]:
+    """Examples of windows tokens/owner [N, seq_len + 1]: input_ids, target_ids, positions,
+    segment_ids (int32) and weights (float32), each [N, seq_len]."""
+    num_seqs, seq_len = tokens.shape[0], tokens.shape[1] - 1
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     shape = (num_seqs, seq_len)
     if not separate_documents:
@@ -82,7 +97,6 @@ def pack_documents(
             "segment_ids": np.ones(shape, np.int32),
             "weights": np.ones(shape, np.float32),
         }
-    owner = owner[: num_seqs * window].reshape(num_seqs, window)
     input_owner, target_owner = owner[:, :-1], owner[:, 1:]
     # A document that began in an earlier window is segment 1 here and counts its positions from the
     # window start: positions must stay below seq_len, which the position table is sized for.
@@ -100,6 +114,14 @@ def pack_documents(
         # next document is not, since nothing before it in its own document could predict it.
         "weights": (input_owner == target_owner).astype(np.float32),
     }
+
+
+def pack_documents(
+    docs: Sequence[np.ndarray], seq_len: int, eos_id: int, separate_documents: bool
+) -> dict[str, np.ndarray]:
+    """Packs token documents into [num_seqs, seq_len] examples (`pack_windows`, then
+    `window_examples`)."""
+    return window_examples(*pack_windows(docs, seq_len, eos_id), separate_documents)
 
 
 def batch_spec(data: Data, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -142,21 +164,52 @@ def synthetic_batch(
     }
 
 
-def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int) -> Any:
-    """The packed windows of a tokenized corpus (deterministic: no rng)."""
+def make_records(
+    corpus: Any, tokenizer: Any, data: Data, split: str, seed: int, shard: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The packed windows (tokens, owner) of a tokenized corpus (deterministic: no rng)."""
     if tokenizer.eos_id is None:
         raise objectives.DataError(
             f"GPT needs a tokenizer with an end-of-text token; got {tokenizer!r}"
         )
     docs = [corpus.tokens(i) for i in range(corpus.num_documents)]
-    return pack_documents(docs, data.seq_len, tokenizer.eos_id, data.separate_documents)
+    tokens, owner = pack_windows(docs, data.seq_len, tokenizer.eos_id)
+    return list(zip(tokens, owner, strict=True))
+
+
+def encode_record(record: tuple[np.ndarray, np.ndarray], dtype: np.dtype, data: Data) -> bytes:
+    """A window as bytes: its tokens, then (separate_documents) its uint16 relative owners."""
+    tokens, owner = record
+    encoded = np.asarray(tokens, dtype).tobytes()
+    return encoded + np.asarray(owner, np.uint16).tobytes() if data.separate_documents else encoded
+
+
+def decode_record(raw: bytes, dtype: np.dtype, data: Data) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `encode_record`."""
+    window = data.seq_len + 1
+    tokens = np.frombuffer(raw, dtype, count=window).astype(np.int32)
+    if data.separate_documents:
+        owner = np.frombuffer(raw, np.uint16, offset=window * np.dtype(dtype).itemsize)
+        return tokens, owner.astype(np.int32)
+    return tokens, np.zeros(window, np.int32)
+
+
+def record_tokens(record: tuple[np.ndarray, np.ndarray]) -> int:
+    """Tokens a record holds."""
+    return int(record[0].size)
 
 
 def example_fn(
     tokenizer: Any, data: Data, split: str, seed: int
 ) -> Callable[[int, int, Any], dict[str, np.ndarray]]:
-    """make(position, index, window) -> example: a window is already an example."""
-    return lambda position, index, window: window
+    """make(position, index, (tokens, owner)) -> the window's example (no rng: packing is fixed)."""
+
+    def make(position: int, index: int, record: tuple[np.ndarray, np.ndarray]) -> dict:
+        tokens, owner = record
+        examples = window_examples(tokens[None], owner[None], data.separate_documents)
+        return {key: value[0] for key, value in examples.items()}
+
+    return make
 
 
 def model_inputs(batch: Batch) -> dict[str, jax.Array]:

@@ -15,7 +15,7 @@ implements `jaxgen.objectives.Objective`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -33,6 +33,8 @@ IS_NEXT, NOT_NEXT = 0, 1  # google-research/bert's next_sentence_labels
 # NSP pairs sentences of different documents.
 MIN_DOCUMENTS = 2
 LOSS_TERMS = ("mlm_loss", "nsp_loss")
+# The data keys that shape the prepared records; masking acts when examples are read.
+RECORD_KEYS = ("seq_len", "dupe_factor", "short_seq_prob", "random_next_prob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +225,7 @@ def create_instances_from_document(
     return instances
 
 
-def create_pairs(
+def iter_pairs(
     all_documents: Sequence[Sequence[np.ndarray]],
     *,
     dupe_factor: int,
@@ -231,19 +233,23 @@ def create_pairs(
     short_seq_prob: float,
     random_next_prob: float,
     rng: np.random.Generator,
-) -> list[SentencePair]:
-    """All pairs of `dupe_factor` passes over the documents (each pairs sentences anew)."""
+) -> Iterator[SentencePair]:
+    """The pairs of `dupe_factor` passes over the documents (each pairs sentences anew), made one
+    document at a time (a pass over a big shard never sits in memory)."""
     if len(all_documents) < 2:
         raise ValueError(f"NSP needs at least two documents, got {len(all_documents)}")
-    pairs = []
     for _ in range(dupe_factor):
         for index in range(len(all_documents)):
-            pairs.extend(
-                create_instances_from_document(
-                    all_documents, index, max_seq_length, short_seq_prob, rng, random_next_prob
-                )
+            yield from create_instances_from_document(
+                all_documents, index, max_seq_length, short_seq_prob, rng, random_next_prob
             )
-    return pairs
+
+
+def create_pairs(
+    all_documents: Sequence[Sequence[np.ndarray]], **settings: Any
+) -> list[SentencePair]:
+    """All pairs of `iter_pairs` (the same settings), as a list."""
+    return list(iter_pairs(all_documents, **settings))
 
 
 def pack_pair(
@@ -414,8 +420,12 @@ def synthetic_batch(
     }
 
 
-def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int) -> list:
-    """The sentence pairs of `dupe_factor` passes over the split's documents (pairs are static).
+def make_records(
+    corpus: Any, tokenizer: Any, data: Data, split: str, seed: int, shard: int = 0
+) -> Iterator[SentencePair]:
+    """The sentence pairs of `dupe_factor` passes over the documents of one shard of a split
+    (pairs are static; NotNext partners come from the same shard, as google-research/bert's
+    per-file runs). The rng is keyed by (seed, shard): shards are independent of one another.
 
     Eval pairs also take `dupe_factor` passes: one pass over a dozen held-out documents gives only
     a few hundred pairs, and an eval longer than that would count the same NSP labels twice.
@@ -432,10 +442,10 @@ def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int)
             "(raise data.eval_documents or use a corpus with more documents)"
         )
     if split == "train":
-        pair_seed = [seed, objectives.TAG_PAIRS]
+        pair_seed = [seed, objectives.TAG_PAIRS, shard]
     else:
-        pair_seed = [objectives.EVAL_SEED, objectives.TAG_EVAL]
-    return create_pairs(
+        pair_seed = [objectives.EVAL_SEED, objectives.TAG_EVAL, shard]
+    return iter_pairs(
         documents,
         dupe_factor=data.dupe_factor,
         max_seq_length=data.seq_len,
@@ -443,6 +453,26 @@ def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int)
         random_next_prob=data.random_next_prob,
         rng=np.random.default_rng(pair_seed),
     )
+
+
+def encode_record(record: SentencePair, dtype: np.dtype, data: Data) -> bytes:
+    """A pair as bytes: uint32 [len_a, len_b, is_random_next], then A's and B's tokens."""
+    lengths = [len(record.tokens_a), len(record.tokens_b), record.is_random_next]
+    header = np.array(lengths, np.uint32)
+    tokens = np.concatenate([record.tokens_a, record.tokens_b]).astype(dtype)
+    return header.tobytes() + tokens.tobytes()
+
+
+def decode_record(raw: bytes, dtype: np.dtype, data: Data) -> SentencePair:
+    """The inverse of `encode_record` (the source documents are not stored: -1)."""
+    len_a, len_b, random_next = np.frombuffer(raw, np.uint32, count=3)
+    tokens = np.frombuffer(raw, dtype, offset=12).astype(np.int32)
+    return SentencePair(tokens[:len_a], tokens[len_a : len_a + len_b], bool(random_next), -1, -1)
+
+
+def record_tokens(record: SentencePair) -> int:
+    """Tokens a record holds."""
+    return len(record.tokens_a) + len(record.tokens_b)
 
 
 def example_fn(

@@ -37,6 +37,8 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 MIN_DOCUMENTS = 1
 LOSS_TERMS = ("loss",)
+# The data keys that shape the prepared records (the raw chunk length follows from them).
+RECORD_KEYS = ("seq_len", "noise_density", "mean_noise_span_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +248,9 @@ def synthetic_batch(
     }
 
 
-def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int) -> list:
+def make_records(
+    corpus: Any, tokenizer: Any, data: Data, split: str, seed: int, shard: int = 0
+) -> list[np.ndarray]:
     """Raw chunks of `lengths(data)[0]` tokens: T5 concatenates documents with no separator."""
     if not tokenizer.sentinel_ids or tokenizer.eos_id is None:
         raise objectives.DataError(
@@ -255,6 +259,21 @@ def make_records(corpus: Any, tokenizer: Any, data: Data, split: str, seed: int)
     raw_len = lengths(data)[0]
     stream = corpus.ids
     return list(stream[: len(stream) // raw_len * raw_len].reshape(-1, raw_len))
+
+
+def encode_record(record: np.ndarray, dtype: np.dtype, data: Data) -> bytes:
+    """A raw chunk as bytes."""
+    return np.asarray(record, dtype).tobytes()
+
+
+def decode_record(raw: bytes, dtype: np.dtype, data: Data) -> np.ndarray:
+    """The inverse of `encode_record`."""
+    return np.frombuffer(raw, dtype).astype(np.int32)
+
+
+def record_tokens(record: np.ndarray) -> int:
+    """Tokens a record holds."""
+    return int(record.size)
 
 
 def example_fn(

@@ -1,16 +1,21 @@
-"""Shared fixtures: the built-in corpus and one small trained tokenizer of each kind, cached per
-session, and the small data settings the pipeline tests use (from the real smoke rows)."""
+"""Shared fixtures: the built-in corpus prepared once per family (and variant) per session, and the
+small data settings the data tests use (from the real smoke rows)."""
+
+from __future__ import annotations
 
 import types
 
 import pytest
 
 from jaxgen import config as config_lib
+from jaxgen.data import prepare
 from jaxgen.data.corpus import load_documents
-from jaxgen.data.tokenizer import build_tokenizer
+from jaxgen.data.tokenizer import load_tokenizer
 
 VOCAB_SIZE = 2000
-SHARED = ["model.vocab_size=2000", "model.max_len=128", "data.seq_len=64", "data.eval_documents=6"]
+EVAL_DOCUMENTS = 6
+SHARED = ["model.vocab_size=2000", "model.max_len=128", "data.seq_len=64", "data.eval_fraction=0",
+          f"data.eval_documents={EVAL_DOCUMENTS}"]  # fmt: skip
 OWN = {
     "bert": ["data.max_predictions=10", "data.dupe_factor=2", "data.dynamic_masking=false"],
     "gpt": ["data.separate_documents=true"],
@@ -18,11 +23,11 @@ OWN = {
 }
 
 
-def data_config(family: str = "bert", *overrides: str) -> types.SimpleNamespace:
-    """(model, data) sections of configs/<family>.py:smoke at the tests' small sizes."""
-    overrides = SHARED + OWN[family] + list(overrides)
-    run = config_lib.load_config(f"configs/{family}.py:smoke", overrides)
-    return types.SimpleNamespace(model=run.model, data=run.data)
+def data_config(family: str = "bert", *overrides: str) -> config_lib.RunConfig:
+    """configs/<family>.py:smoke at the data tests' small sizes."""
+    return config_lib.load_config(
+        f"configs/{family}.py:smoke", SHARED + OWN[family] + list(overrides)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -30,15 +35,26 @@ def builtin_docs():
     return load_documents("builtin")
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jaxgen-cache")
+class Prepared:
+    """Prepares a config's corpus once per distinct settings in a session directory."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self._done: dict[tuple, str] = {}
+
+    def __call__(self, family: str = "bert", *overrides: str, corpus: str = "builtin"):
+        """(run config, prepared directory, tokenizer)."""
+        run = data_config(family, *overrides)
+        key = (family, overrides, corpus)
+        if key not in self._done:
+            output = self.root / f"{family}-{len(self._done)}"
+            self._done[key] = prepare.prepare(run, corpus, output)
+        root = self._done[key]
+        return types.SimpleNamespace(
+            run=run, root=root, tokenizer=load_tokenizer(prepare.local_dir(root) / "tokenizer")
+        )
 
 
 @pytest.fixture(scope="session")
-def tokenizers(builtin_docs, cache_dir):
-    """{family: tokenizer} trained once on the built-in corpus."""
-    return {
-        family: build_tokenizer(data_config(family).data, builtin_docs, VOCAB_SIZE, cache_dir)
-        for family in OWN
-    }
+def prepared(tmp_path_factory) -> Prepared:
+    return Prepared(tmp_path_factory.mktemp("prepared"))

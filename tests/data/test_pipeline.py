@@ -1,5 +1,5 @@
-"""The grain pipeline: batch layout per family, determinism, resume, process slicing, eval split,
-checks."""
+"""The grain pipeline over prepared records: batch layout per family, determinism, resume, process
+slicing, the eval split, checks."""
 
 import json
 
@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from jaxgen import objectives
-from jaxgen.data import pipeline
-from jaxgen.data.corpus import split_documents
+from jaxgen.data import pipeline, prepare
+from jaxgen.data.corpus import document_hash, list_inputs, read_documents
 from jaxgen.data.pipeline import DataError, build_dataset
-
-from .conftest import data_config
+from jaxgen.data.reader import PreparedSource
 
 BATCH = 8
 SEQ_LEN = 64
@@ -43,20 +42,18 @@ KEYS = {
 }
 
 
-def make(family, tokenizers, docs, cache_dir, split="train", seed=0, **kwargs):
-    """An iterator over the train or eval part of `docs` (6 documents held out)."""
-    config = kwargs.pop("config", None) or data_config(family)
+def make(family, prepared, split="train", seed=0, overrides=(), corpus="builtin", **kwargs):
+    """An iterator over a split of the built-in corpus, prepared with these overrides."""
+    data = prepared(family, *overrides, corpus=corpus)
     kwargs.setdefault("global_batch_size", BATCH)
-    documents = kwargs.pop("documents", None) or split_documents(docs, 6, seed=0)[split == "eval"]
     return build_dataset(
         objectives.get(family),
-        config.model,
-        config.data,
-        tokenizers[family],
-        documents,
+        data.run.model,
+        data.run.data,
+        data.tokenizer,
+        PreparedSource(data.root, split, data.run.data),
         split,
         seed=seed,
-        cache_dir=cache_dir,
         **kwargs,
     )
 
@@ -74,8 +71,8 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt", "t5"])
-def test_batch_keys_shapes_and_ranges(family, tokenizers, builtin_docs, cache_dir):
-    batch = next(make(family, tokenizers, builtin_docs, cache_dir))
+def test_batch_keys_shapes_and_ranges(family, prepared):
+    batch = next(make(family, prepared))
     assert set(batch) == set(KEYS[family])
     for key, (shape, dtype) in KEYS[family].items():
         assert batch[key].dtype == dtype, key
@@ -84,15 +81,15 @@ def test_batch_keys_shapes_and_ranges(family, tokenizers, builtin_docs, cache_di
         ), key
     for key in ("input_ids", "encoder_input_ids", "target_ids", "decoder_target_ids"):
         if key in batch:
-            assert batch[key].max() < tokenizers[family].vocab_size
+            assert batch[key].max() < prepared(family).tokenizer.vocab_size
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt", "t5"])
-def test_same_seed_same_batches(family, tokenizers, builtin_docs, cache_dir):
-    a = take(make(family, tokenizers, builtin_docs, cache_dir, seed=3), 4)
-    b = take(make(family, tokenizers, builtin_docs, cache_dir, seed=3), 4)
+def test_same_seed_same_batches(family, prepared):
+    a = take(make(family, prepared, seed=3), 4)
+    b = take(make(family, prepared, seed=3), 4)
     assert_same(a, b)
-    c = take(make(family, tokenizers, builtin_docs, cache_dir, seed=4), 1)
+    c = take(make(family, prepared, seed=4), 1)
     first = "input_ids" if family != "t5" else "encoder_input_ids"
     assert not np.array_equal(a[0][first], c[0][first])
 
@@ -100,59 +97,47 @@ def test_same_seed_same_batches(family, tokenizers, builtin_docs, cache_dir):
 @pytest.mark.parametrize(
     "family,dynamic", [("bert", False), ("bert", True), ("gpt", False), ("t5", False)]
 )
-def test_resume_from_state(family, dynamic, tokenizers, builtin_docs, cache_dir):
-    config = data_config(family, *([f"data.dynamic_masking={dynamic}"] if dynamic else []))
-    first = make(family, tokenizers, builtin_docs, cache_dir, config=config, seed=5)
+def test_resume_from_state(family, dynamic, prepared):
+    overrides = ["data.dynamic_masking=true"] if dynamic else []
+    first = make(family, prepared, seed=5, overrides=overrides)
     take(first, 3)
     state = json.loads(json.dumps(first.get_state()))  # must survive a JSON round trip
     expected = take(first, 3)
-    resumed = make(family, tokenizers, builtin_docs, cache_dir, config=config, seed=5)
+    resumed = make(family, prepared, seed=5, overrides=overrides)
     resumed.set_state(state)
     assert_same(take(resumed, 3), expected)
 
 
-def test_state_from_other_settings_is_rejected(tokenizers, builtin_docs, cache_dir):
-    state = make("bert", tokenizers, builtin_docs, cache_dir).get_state()
-    other = make("bert", tokenizers, builtin_docs, cache_dir, global_batch_size=4)
+def test_state_from_other_settings_is_rejected(prepared):
+    state = make("bert", prepared).get_state()
+    other = make("bert", prepared, global_batch_size=4)
     with pytest.raises(DataError, match="global_batch_size: saved 8 now 4"):
         other.set_state(state)
+    state["signature"]["records"] = "another-manifest"
+    with pytest.raises(DataError, match="records: saved 'another-manifest'"):
+        make("bert", prepared).set_state(state)
 
 
 @pytest.mark.parametrize("family", ["bert", "t5"])
-def test_processes_slice_the_same_global_batch(family, tokenizers, builtin_docs, cache_dir):
-    whole = take(make(family, tokenizers, builtin_docs, cache_dir), 2)
-    parts = [
-        take(
-            make(
-                family,
-                tokenizers,
-                builtin_docs,
-                cache_dir,
-                process_index=p,
-                process_count=4,
-            ),
-            2,
-        )
-        for p in range(4)
-    ]
+def test_processes_slice_the_same_global_batch(family, prepared):
+    whole = take(make(family, prepared), 2)
+    parts = [take(make(family, prepared, process_index=p, process_count=4), 2) for p in range(4)]
     for step in range(2):
         for key in whole[step]:
             joined = np.concatenate([parts[p][step][key] for p in range(4)])
             np.testing.assert_array_equal(joined, whole[step][key], err_msg=key)
     with pytest.raises(DataError, match="process_index"):
-        make(family, tokenizers, builtin_docs, cache_dir, process_index=3, process_count=3)
+        make(family, prepared, process_index=3, process_count=3)
 
 
-def test_static_masks_repeat_each_epoch_dynamic_do_not(tokenizers, builtin_docs, cache_dir):
-    docs = builtin_docs[:8]  # a small corpus: one epoch is a few dozen pairs
+def test_static_masks_repeat_each_epoch_dynamic_do_not(prepared, builtin_docs, tmp_path):
+    small = tmp_path / "small.txt"  # a small corpus: one epoch is a few dozen pairs
+    small.write_text("\n\n".join("\n".join(doc) for doc in builtin_docs[:10]) + "\n")
 
     def epochs(dynamic):
-        config = data_config(
-            "bert", f"data.dynamic_masking={dynamic}", "data.dupe_factor=1", "data.eval_documents=2"
-        )
-        it = make(
-            "bert", tokenizers, docs, cache_dir, config=config, global_batch_size=1, documents=docs
-        )
+        overrides = [f"data.dynamic_masking={dynamic}", "data.dupe_factor=1",
+                     "data.eval_documents=2"]  # fmt: skip
+        it = make("bert", prepared, overrides=overrides, corpus=str(small), global_batch_size=1)
         n = it.signature["num_records"]
         rows = [next(it)["input_ids"][0].tobytes() for _ in range(2 * n)]
         return sorted(rows[:n]), sorted(rows[n:])
@@ -176,26 +161,35 @@ def _unmasked(batch, row: int) -> np.ndarray:
     return ids
 
 
-def test_eval_is_fixed_finite_and_held_out(tokenizers, builtin_docs, cache_dir):
-    a = list(make("bert", tokenizers, builtin_docs, cache_dir, split="eval", seed=1))
-    b = list(make("bert", tokenizers, builtin_docs, cache_dir, split="eval", seed=2))
+def _split_texts(prepared) -> tuple[list[str], list[str]]:
+    """The token texts of the built-in corpus's (train, held-out) documents, by the manifest."""
+    data = prepared("bert")
+    threshold = prepare.records.load_manifest(data.root)["split"]["threshold"]
+    texts: tuple[list[str], list[str]] = ([], [])
+    for file in list_inputs("builtin"):
+        for doc in read_documents(file):
+            held_out = document_hash(doc.text, data.run.data.split_seed) < threshold
+            ids = [i for s in data.tokenizer.encode_batch(doc.sentences) for i in s]
+            texts[held_out].append(_text(ids))
+    return texts
+
+
+def test_eval_is_fixed_finite_and_held_out(prepared):
+    a = list(make("bert", prepared, split="eval", seed=1))
+    b = list(make("bert", prepared, split="eval", seed=2))
     assert len(a) >= 1
     assert_same(a, b)  # independent of the training seed and of how often it is built
-    assert (
-        len(list(make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=3)))
-        == 3
-    )
+    assert len(list(make("bert", prepared, split="eval", num_batches=3))) == 3
 
     # Every A segment of an eval example is text from a held-out document and from no training one.
-    splits = split_documents(builtin_docs, 6, seed=0)
-    train_corpus, eval_corpus = (pipeline.tokenize_documents(d, tokenizers["bert"]) for d in splits)
-    eval_text = [_text(eval_corpus.tokens(d)) for d in range(eval_corpus.num_documents)]
-    train_text = [_text(train_corpus.tokens(d)) for d in range(train_corpus.num_documents)]
+    train_text, eval_text = _split_texts(prepared)
+    assert len(eval_text) == 6
+    sep_id = prepared("bert").tokenizer.sep_id
     checked = 0
     for batch in a:
         for row in range(BATCH):
             ids = _unmasked(batch, row)
-            sep = int(np.flatnonzero(ids == tokenizers["bert"].sep_id)[0])
+            sep = int(np.flatnonzero(ids == sep_id)[0])
             segment_a = _text(ids[1:sep])
             if sep > 12:
                 assert any(segment_a in t for t in eval_text)
@@ -204,16 +198,13 @@ def test_eval_is_fixed_finite_and_held_out(tokenizers, builtin_docs, cache_dir):
     assert checked > 10
 
 
-def test_eval_pairs_are_distinct_beyond_one_pass(tokenizers, builtin_docs, cache_dir):
+def test_eval_pairs_are_distinct_beyond_one_pass(prepared):
     # One pairing pass over the held-out documents gives `one_pass` pairs; an eval of more rows
     # must draw from further passes (dupe_factor 2 here) rather than score the same pairs twice.
-    config = data_config("bert", "data.dupe_factor=1")
-    one_pass = make("bert", tokenizers, builtin_docs, cache_dir, split="eval", config=config)
+    one_pass = make("bert", prepared, split="eval", overrides=["data.dupe_factor=1"])
     one_pass = one_pass.get_state()["signature"]["num_records"]
     rows = one_pass * 3 // 2
-    batches = list(
-        make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=rows // BATCH)
-    )
+    batches = list(make("bert", prepared, split="eval", num_batches=rows // BATCH))
     pairs = {
         (tuple(_unmasked(b, r)), tuple(b["segment_ids"][r])) for b in batches for r in range(BATCH)
     }
@@ -221,18 +212,17 @@ def test_eval_pairs_are_distinct_beyond_one_pass(tokenizers, builtin_docs, cache
     assert len(pairs) > one_pass
 
 
-def test_eval_order_is_shuffled_across_documents(tokenizers, builtin_docs, cache_dir):
+def test_eval_order_is_shuffled_across_documents(prepared):
     # Pairs are made document by document; unshuffled, the first eval rows would all come from the
     # first held-out documents in order, and a short eval would never see the others.
-    held_out = split_documents(builtin_docs, 6, seed=0)[1]
-    corpus = pipeline.tokenize_documents(held_out, tokenizers["bert"])
-    texts = [_text(corpus.tokens(d)) for d in range(corpus.num_documents)]
+    _, texts = _split_texts(prepared)
+    sep_id = prepared("bert").tokenizer.sep_id
     sources = []
     # One batch: fewer rows than one pass over the documents makes.
-    for batch in make("bert", tokenizers, builtin_docs, cache_dir, split="eval", num_batches=1):
+    for batch in make("bert", prepared, split="eval", num_batches=1):
         for r in range(BATCH):
             ids = _unmasked(batch, r)
-            sep = int(np.flatnonzero(ids == tokenizers["bert"].sep_id)[0])
+            sep = int(np.flatnonzero(ids == sep_id)[0])
             segment_a = _text(ids[1:sep])
             found = [d for d, text in enumerate(texts) if segment_a in text]
             if len(found) == 1:
@@ -241,29 +231,17 @@ def test_eval_order_is_shuffled_across_documents(tokenizers, builtin_docs, cache
     assert sources != sorted(sources) and len(set(sources)) >= 3
 
 
-def test_token_cache_written_and_reused(tokenizers, builtin_docs, tmp_path):
-    pipeline._TOKEN_CACHE.clear()
-    first = pipeline.tokenize_documents(builtin_docs, tokenizers["gpt"], tmp_path)
-    files = list(tmp_path.glob("tokens-*.npz"))
-    assert len(files) == 1
-    pipeline._TOKEN_CACHE.clear()
-    second = pipeline.tokenize_documents(builtin_docs, tokenizers["gpt"], tmp_path)
-    np.testing.assert_array_equal(first.ids, second.ids)
-    np.testing.assert_array_equal(first.sentence_starts, second.sentence_starts)
-
-
-def test_ids_and_lengths_are_validated(tokenizers, builtin_docs, cache_dir):
-    config = data_config("bert", "model.vocab_size=1000")
+def test_vocabulary_larger_than_the_model_is_refused(prepared):
+    data = prepared("bert")
+    small = data.run.model.__class__.from_mapping({**data.run.model.to_dict(), "vocab_size": 1000})
     with pytest.raises(DataError, match="model.vocab_size=1000"):
-        make("bert", tokenizers, builtin_docs, cache_dir, config=config)
-    with pytest.raises(DataError, match="NSP needs at least two"):
-        make("bert", tokenizers, builtin_docs, cache_dir, split="eval", documents=builtin_docs[:1])
+        build_dataset(
+            objectives.get("bert"), small, data.run.data, data.tokenizer,
+            PreparedSource(data.root, "train", data.run.data), "train", seed=0,
+            global_batch_size=BATCH,
+        )  # fmt: skip
 
 
-def test_throughput_helper(tokenizers, builtin_docs):
-    config = data_config("bert")
-    stats = pipeline.pipeline_throughput(
-        objectives.get("bert"), config.model, config.data, tokenizers["bert"], builtin_docs,
-        global_batch_size=8, num_batches=3,
-    )  # fmt: skip
-    assert stats["examples_per_sec"] > 0 and stats["tokenize_tokens_per_sec"] > 0
+def test_throughput_helper(prepared):
+    stats = pipeline.pipeline_throughput(make("bert", prepared, prefetch=0), num_batches=3)
+    assert stats["examples_per_sec"] > 0 and stats["first_batch_seconds"] > 0

@@ -14,6 +14,8 @@ import pytest
 
 from jaxgen import config as config_lib
 from jaxgen.data.corpus import CorpusError
+from jaxgen.objectives import DataError
+from jaxgen.data import prepare
 from jaxgen.data.source import DataSource
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
@@ -148,7 +150,7 @@ def test_bad_corpus_fails_before_training(tmp_path, cache_dir):
         loop.train(tiny_config("bert", cache_dir, f"data.corpus={empty}"), tmp_path / "a")
     one = tmp_path / "one.txt"
     one.write_text("Just one document.\nWith two sentences.\n")
-    with pytest.raises(CorpusError, match="at least 2"):
+    with pytest.raises(DataError, match=r"the corpus has 1 document\(s\).* at least 2"):
         loop.train(tiny_config("bert", cache_dir, f"data.corpus={one}"), tmp_path / "b")
     assert not (tmp_path / "a" / "checkpoints").exists()
 
@@ -252,9 +254,11 @@ def test_bert_baselines_read_a_finished_run(bert_run):
 
 def test_held_out_documents_follow_split_seed_not_train_seed(tmp_path, cache_dir):
     def eval_docs(*extra):
+        """The held-out records the run evaluates on."""
         workdir = tmp_path / "-".join(extra or ["base"])
         workdir.mkdir()
-        return DataSource(tiny_config("bert", cache_dir, *extra), workdir).eval_docs
+        source = DataSource(tiny_config("bert", cache_dir, *extra), workdir)
+        return list(prepare.iter_records(source.prepared(source.run.data), "eval"))
 
     base = eval_docs()
     assert eval_docs("train.seed=7") == base  # a seed sweep evaluates every point on one split
