@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxgen import config as config_lib
-from jaxgen.data.corpus import CorpusError
-from jaxgen.objectives import DataError
 from jaxgen.data import prepare
+from jaxgen.data.corpus import CorpusError
 from jaxgen.data.source import DataSource
+from jaxgen.objectives import DataError
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
 from tests.tiny_runs import TINY, tiny_config
