@@ -14,7 +14,9 @@ implements `jaxgen.objectives.Objective`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -132,17 +134,43 @@ def truncate_seq_pair(
     """Trims the longer of A and B one token at a time, from the front or back at random, to fit.
 
     Returns the trimmed views (A wins ties, as `max(tokens_a, tokens_b, key=len)` does in the
-    original).
+    original). The front-or-back draws are taken in one call, and which side each trim hits follows
+    from the lengths: the longer side until it is shorter, then B and A by turns (A on ties).
     """
-    a_start, a_end, b_start, b_end = 0, len(tokens_a), 0, len(tokens_b)
-    while (a_end - a_start) + (b_end - b_start) > max_num_tokens:
-        trim_a = (a_end - a_start) >= (b_end - b_start)
-        from_front = rng.random() < 0.5
-        if trim_a:
-            a_start, a_end = (a_start + 1, a_end) if from_front else (a_start, a_end - 1)
-        else:
-            b_start, b_end = (b_start + 1, b_end) if from_front else (b_start, b_end - 1)
-    return tokens_a[a_start:a_end], tokens_b[b_start:b_end]
+    len_a, len_b = len(tokens_a), len(tokens_b)
+    excess = len_a + len_b - max_num_tokens
+    if excess <= 0:
+        return tokens_a, tokens_b
+    front = (rng.random(excess) < 0.5).tolist()
+    if len_a >= len_b:  # A until it is one shorter than B, then B, A, B, ...
+        run = min(len_a - len_b + 1, excess)
+        a_flags, b_flags = front[:run] + front[run + 1 :: 2], front[run::2]
+    else:  # B until both are as long, then A, B, A, ...
+        run = min(len_b - len_a, excess)
+        b_flags, a_flags = front[:run] + front[run + 1 :: 2], front[run::2]
+    a_front, b_front = sum(a_flags), sum(b_flags)
+    a_end, b_end = len_a - (len(a_flags) - a_front), len_b - (len(b_flags) - b_front)
+    return tokens_a[a_front:a_end], tokens_b[b_front:b_end]
+
+
+def _randint(rng: np.random.Generator, low: int, high: int) -> int:
+    """A uniform integer in [low, high): one double draw (scalar `integers` is ~10x slower)."""
+    return low + int(rng.random() * (high - low))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Document:
+    """A document's sentences as one token array and the sentence boundaries within it."""
+
+    tokens: np.ndarray  # [len] int32
+    starts: list[int]  # [num_sentences + 1]
+
+    @classmethod
+    def of(cls, sentences: Sequence[np.ndarray]) -> _Document:
+        """From a list of [len] sentences."""
+        lengths = [len(s) for s in sentences]
+        tokens = np.concatenate(sentences) if sentences else np.zeros(0, np.int32)
+        return cls(tokens, [0, *np.cumsum(lengths).tolist()])
 
 
 def create_instances_from_document(
@@ -158,70 +186,81 @@ def create_instances_from_document(
 
     Every pair fits `max_seq_length` with its [CLS] and two [SEP]. A random B always comes from a
     different document (the original retries 10 times and could rarely keep the same one).
-    One-sentence chunks are not forced to be random nexts (see below), so NotNext pairs are
+    One-sentence chunks are not forced to be random nexts (see `_instances`), so NotNext pairs are
     `random_next_prob` of all pairs.
     """
-    document = all_documents[document_index]
+    documents = [_Document.of(d) for d in all_documents]
+    return _instances(
+        documents, document_index, max_seq_length, short_seq_prob, rng, random_next_prob
+    )
+
+
+def _instances(
+    documents: Sequence[_Document],
+    document_index: int,
+    max_seq_length: int,
+    short_seq_prob: float,
+    rng: np.random.Generator,
+    random_next_prob: float,
+) -> list[SentencePair]:
+    """`create_instances_from_document` over contiguous documents: a chunk is a range of
+    sentences and A and B are slices of the document's tokens (no copies)."""
+    document = documents[document_index]
+    tokens, starts = document.tokens, document.starts
+    num_sentences = len(starts) - 1
     max_num_tokens = max_seq_length - 3
     # Usually fill the whole sequence; sometimes (short_seq_prob) aim shorter, to match fine-tuning
     # lengths.
     target_seq_length = max_num_tokens
     if rng.random() < short_seq_prob:
-        target_seq_length = int(rng.integers(2, max_num_tokens + 1))
+        target_seq_length = _randint(rng, 2, max_num_tokens + 1)
 
     instances = []
-    current_chunk: list[np.ndarray] = []
-    current_length = 0
-    i = 0
-    while i < len(document):
-        segment = document[i]
-        current_chunk.append(segment)
-        current_length += len(segment)
-        if i == len(document) - 1 or current_length >= target_seq_length:
-            if current_chunk:
-                # a_end: how many chunk sentences go into A.
-                a_end = 1
-                if len(current_chunk) >= 2:
-                    a_end = int(rng.integers(1, len(current_chunk)))
-                tokens_a = np.concatenate(current_chunk[:a_end])
-
-                b_document = document_index
-                is_random_next = rng.random() < random_next_prob
-                if len(current_chunk) == 1 and not is_random_next:
-                    # Deviation from the original, which turns every one-sentence chunk into a
-                    # random next: with long sentences, short sequences or short documents that
-                    # skews labels towards NotNext (58% at seq_len 64 on the built-in corpus). Here
-                    # B is the following sentence when there is one, and at a document's end the
-                    # pair is skipped, so labels follow random_next_prob exactly.
-                    if i + 1 == len(document):
-                        break
-                    i += 1
-                    current_chunk.append(document[i])
-                if is_random_next:
-                    target_b_length = target_seq_length - len(tokens_a)
-                    b_document = int(rng.integers(0, len(all_documents) - 1))
-                    b_document += b_document >= document_index  # any document but this one
-                    random_document = all_documents[b_document]
-                    random_start = int(rng.integers(0, len(random_document)))
-                    pieces, length = [], 0
-                    for j in range(random_start, len(random_document)):
-                        pieces.append(random_document[j])
-                        length += len(random_document[j])
-                        if length >= target_b_length:
-                            break
-                    tokens_b = np.concatenate(pieces)
-                    # The chunk's sentences after A were not used: put them back for the next pair.
-                    i -= len(current_chunk) - a_end
-                else:
-                    tokens_b = np.concatenate(current_chunk[a_end:])
-                tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
-                if len(tokens_a) >= 1 and len(tokens_b) >= 1:
-                    instances.append(
-                        SentencePair(tokens_a, tokens_b, is_random_next, document_index, b_document)
-                    )
-            current_chunk = []
-            current_length = 0
-        i += 1
+    chunk_start = 0  # the current chunk is sentences chunk_start..i
+    while chunk_start < num_sentences:
+        # The chunk ends at the first sentence that brings it to the target length (or at the
+        # document's end): a binary search in the sentence boundaries.
+        reached = bisect.bisect_left(
+            starts, starts[chunk_start] + target_seq_length, chunk_start + 1
+        )
+        i = min(reached, num_sentences) - 1
+        chunk = i + 1 - chunk_start
+        # a_end: how many chunk sentences go into A.
+        a_end = _randint(rng, 1, chunk) if chunk >= 2 else 1
+        tokens_a = tokens[starts[chunk_start] : starts[chunk_start + a_end]]
+        b_document = document_index
+        is_random_next = rng.random() < random_next_prob
+        if chunk == 1 and not is_random_next:
+            # Deviation from the original, which turns every one-sentence chunk into a random next:
+            # with long sentences, short sequences or short documents that skews labels towards
+            # NotNext (58% at seq_len 64 on the built-in corpus). Here B is the following sentence
+            # when there is one, and at a document's end the pair is skipped, so labels follow
+            # random_next_prob exactly.
+            if i + 1 == num_sentences:
+                break
+            i += 1
+            chunk += 1
+        if is_random_next:
+            target_b_length = target_seq_length - len(tokens_a)
+            b_document = _randint(rng, 0, len(documents) - 1)
+            b_document += b_document >= document_index  # any document but this one
+            other = documents[b_document]
+            random_start = _randint(rng, 0, len(other.starts) - 1)
+            # B takes sentences from random_start until it reaches its target length.
+            need = other.starts[random_start] + target_b_length
+            end = min(bisect.bisect_left(other.starts, need, random_start + 1),
+                      len(other.starts) - 1)  # fmt: skip
+            tokens_b = other.tokens[other.starts[random_start] : other.starts[end]]
+            # The chunk's sentences after A were not used: put them back for the next pair.
+            i -= chunk - a_end
+        else:
+            tokens_b = tokens[starts[chunk_start + a_end] : starts[chunk_start + chunk]]
+        tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+        if len(tokens_a) >= 1 and len(tokens_b) >= 1:
+            instances.append(
+                SentencePair(tokens_a, tokens_b, is_random_next, document_index, b_document)
+            )
+        chunk_start = i + 1
     return instances
 
 
@@ -238,10 +277,11 @@ def iter_pairs(
     document at a time (a pass over a big shard never sits in memory)."""
     if len(all_documents) < 2:
         raise ValueError(f"NSP needs at least two documents, got {len(all_documents)}")
+    documents = [_Document.of(d) for d in all_documents]
     for _ in range(dupe_factor):
-        for index in range(len(all_documents)):
-            yield from create_instances_from_document(
-                all_documents, index, max_seq_length, short_seq_prob, rng, random_next_prob
+        for index in range(len(documents)):
+            yield from _instances(
+                documents, index, max_seq_length, short_seq_prob, rng, random_next_prob
             )
 
 
@@ -457,10 +497,9 @@ def make_records(
 
 def encode_record(record: SentencePair, dtype: np.dtype, data: Data) -> bytes:
     """A pair as bytes: uint32 [len_a, len_b, is_random_next], then A's and B's tokens."""
-    lengths = [len(record.tokens_a), len(record.tokens_b), record.is_random_next]
-    header = np.array(lengths, np.uint32)
-    tokens = np.concatenate([record.tokens_a, record.tokens_b]).astype(dtype)
-    return header.tobytes() + tokens.tobytes()
+    a, b = record.tokens_a, record.tokens_b
+    header = struct.pack("<3I", len(a), len(b), record.is_random_next)
+    return b"".join((header, np.asarray(a, dtype).tobytes(), np.asarray(b, dtype).tobytes()))
 
 
 def decode_record(raw: bytes, dtype: np.dtype, data: Data) -> SentencePair:

@@ -282,3 +282,92 @@ def test_objectives_get():
     assert objectives.get("bert") is mlm_nsp
     with pytest.raises(ValueError, match="bert.*gpt.*t5"):
         objectives.get("xlnet")
+
+
+# ------------------------------------------------------------------ the fast pair maker vs the loop
+
+
+def reference_truncate(a, b, max_num_tokens, rng):
+    """google-research/bert's truncate_seq_pair: one token and one draw at a time."""
+    a_start, a_end, b_start, b_end = 0, len(a), 0, len(b)
+    while (a_end - a_start) + (b_end - b_start) > max_num_tokens:
+        trim_a = (a_end - a_start) >= (b_end - b_start)
+        from_front = rng.random() < 0.5
+        if trim_a:
+            a_start, a_end = (a_start + 1, a_end) if from_front else (a_start, a_end - 1)
+        else:
+            b_start, b_end = (b_start + 1, b_end) if from_front else (b_start, b_end - 1)
+    return a[a_start:a_end], b[b_start:b_end]
+
+
+def reference_instances(documents, index, max_seq_length, short_seq_prob, rng, random_next_prob):
+    """The sentence-by-sentence loop of create_pretraining_data.py (with jaxgen's one-sentence
+    deviation), copying tokens: what the chunk-by-chunk `_instances` must equal."""
+    randint = mlm_nsp._randint
+    document, max_num_tokens = documents[index], max_seq_length - 3
+    target = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target = randint(rng, 2, max_num_tokens + 1)
+    pairs, chunk, length, i = [], [], 0, 0
+    while i < len(document):
+        chunk.append(document[i])
+        length += len(document[i])
+        if i == len(document) - 1 or length >= target:
+            a_end = randint(rng, 1, len(chunk)) if len(chunk) >= 2 else 1
+            tokens_a = np.concatenate(chunk[:a_end])
+            b_document, random_next = index, rng.random() < random_next_prob
+            if len(chunk) == 1 and not random_next:
+                if i + 1 == len(document):
+                    break
+                i += 1
+                chunk.append(document[i])
+            if random_next:
+                b_document = randint(rng, 0, len(documents) - 1)
+                b_document += b_document >= index
+                other = documents[b_document]
+                pieces, got = [], 0
+                for j in range(randint(rng, 0, len(other)), len(other)):
+                    pieces.append(other[j])
+                    got += len(other[j])
+                    if got >= target - len(tokens_a):
+                        break
+                tokens_b = np.concatenate(pieces)
+                i -= len(chunk) - a_end
+            else:
+                tokens_b = np.concatenate(chunk[a_end:])
+            tokens_a, tokens_b = mlm_nsp.truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+            if len(tokens_a) and len(tokens_b):
+                pairs.append((tokens_a.tolist(), tokens_b.tolist(), random_next, b_document))
+            chunk, length = [], 0
+        i += 1
+    return pairs
+
+
+def test_truncation_equals_the_token_at_a_time_loop():
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        len_a, len_b, limit = rng.integers(0, 40), rng.integers(0, 40), rng.integers(0, 60)
+        a, b = np.arange(len_a), np.arange(100, 100 + len_b)
+        want = reference_truncate(a, b, limit, np.random.default_rng(trial))
+        got = mlm_nsp.truncate_seq_pair(a, b, limit, np.random.default_rng(trial))
+        assert [x.tolist() for x in got] == [x.tolist() for x in want], (len_a, len_b, limit)
+
+
+@pytest.mark.parametrize("max_seq_length", [5, 8, 16, 64, 512])
+def test_pairs_equal_the_sentence_by_sentence_loop(max_seq_length):
+    rng = np.random.default_rng(max_seq_length)
+    for trial in range(10):
+        docs = [
+            [rng.integers(5, 100, rng.integers(1, 40)).astype(np.int32)
+             for _ in range(rng.integers(1, 12))]
+            for _ in range(rng.integers(2, 25))
+        ]  # fmt: skip
+        a, b = np.random.default_rng(trial), np.random.default_rng(trial)
+        want = [p for d in range(len(docs)) for p in reference_instances(docs, d, max_seq_length,
+                                                                        0.3, a, 0.5)]  # fmt: skip
+        got = [
+            (p.tokens_a.tolist(), p.tokens_b.tolist(), p.is_random_next, p.b_document)
+            for d in range(len(docs))
+            for p in mlm_nsp.create_instances_from_document(docs, d, max_seq_length, 0.3, b, 0.5)
+        ]
+        assert got == want
