@@ -263,7 +263,7 @@ def _open(path: str) -> IO[bytes]:
 
 
 def _decode(path: str, offset: int, line: bytes) -> str:
-    if b"\x00" in line:
+    if b"\x00" in line:  # _blocks checks whole blocks; JSONL lines come one by one
         raise CorpusError(f"{path} is not a text file (a NUL byte near offset {offset})")
     try:
         return line.decode("utf-8")
@@ -307,13 +307,35 @@ def _lines(handle: IO[bytes], offset: int) -> Iterator[tuple[int, bytes]]:
         offset += len(line)
 
 
+def _blocks(handle: IO[bytes], offset: int, path: str) -> Iterator[tuple[int, bytes]]:
+    """(offset, line without its newline) from `offset` (a line start) on, read in 1 MiB blocks."""
+    handle.seek(offset)
+    pending = b""
+    while True:
+        block = handle.read(1 << 20)
+        data = pending + block
+        if not block:
+            if data:
+                yield offset, data
+            return
+        cut = data.rfind(b"\n") + 1
+        pending = data[cut:]
+        if b"\x00" in data[:cut]:
+            raise CorpusError(
+                f"{path} is not a text file (a NUL byte near offset {offset + data.index(0)})"
+            )
+        for line in data[:cut].split(b"\n")[:-1]:
+            yield offset, line
+            offset += len(line) + 1
+
+
 def _bert_format(path: str, handle: IO[bytes], start: int, end: float) -> Iterator[Document]:
     """One sentence per line, blank lines between documents (google-research/bert's format)."""
     first = _line_start(handle, start)
     # A document that began before `start` belongs to the range before this one: skip its lines.
     inside_earlier = first > 0 and not _previous_line_blank(handle, first)
     current: Document | None = None
-    for offset, raw in _lines(handle, first):
+    for offset, raw in _blocks(handle, first, path):
         line = _decode(path, offset, raw).strip()
         if not line:
             if current is not None:

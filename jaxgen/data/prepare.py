@@ -22,6 +22,7 @@ redoes half-written ones; a directory prepared with other settings is an error, 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 
 # Input bytes per shard when --num_shards is not given: a shard's text, tokens and records stay a
 # few hundred MB in a worker (experiments/bench_data.py measures the peak).
-DEFAULT_SHARD_BYTES = 32 * 2**20
+DEFAULT_SHARD_BYTES = 16 * 2**20
 # The tokenizer is trained on at most this much of the train text (a seeded sample).
-DEFAULT_TOKENIZER_SAMPLE_BYTES = 256 * 2**20
+DEFAULT_TOKENIZER_SAMPLE_BYTES = 64 * 2**20
 # Keys of the two document hashes: the split's (data.split_seed) and the tokenizer sample's.
 SAMPLE_KEY = 0x5A3D1E
 WORK = ".work"
@@ -63,7 +64,7 @@ WORK = ".work"
 class TokenizedCorpus:
     """All token ids of some documents, flat, with sentence and document boundaries."""
 
-    ids: np.ndarray  # [num_tokens] int32
+    ids: np.ndarray  # [num_tokens] int32 (or the records' token dtype)
     sentence_starts: np.ndarray  # [num_sentences + 1] int64 offsets into ids
     document_starts: np.ndarray  # [num_documents + 1] int64 offsets into sentences
 
@@ -85,21 +86,24 @@ class TokenizedCorpus:
 
 
 def tokenize_documents(
-    documents: Sequence[Sequence[str]], tokenizer: tokenizer_lib.Tokenizer
+    documents: Sequence[Sequence[str]],
+    tokenizer: tokenizer_lib.Tokenizer,
+    dtype: np.dtype | type = np.int32,
 ) -> TokenizedCorpus:
-    """Tokenizes every sentence of the documents (batches of 8192 sentences)."""
+    """Tokenizes every sentence of the documents (batches of 8192 sentences); ids as `dtype`."""
     sentences = [s for doc in documents for s in doc]
-    lengths, chunks = [], []
+    lengths: list[int] = []
+    ids: list[list[int]] = []
     for start in range(0, len(sentences), 8192):
         encoded = tokenizer.encode_batch(sentences[start : start + 8192])
-        lengths.extend(len(e) for e in encoded)
-        chunks.extend(np.asarray(e, dtype=np.int32) for e in encoded)
-    ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+        lengths.extend(map(len, encoded))
+        ids.extend(encoded)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=sum(lengths))
     sentence_starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     document_starts = np.concatenate(
         [[0], np.cumsum([len(doc) for doc in documents], dtype=np.int64)]
     )
-    return TokenizedCorpus(ids, sentence_starts, document_starts)
+    return TokenizedCorpus(flat, sentence_starts, document_starts)
 
 
 # --------------------------------------------------------------------------------------- shards
@@ -205,7 +209,7 @@ def _size(output: str, name: str) -> int | None:
     return path.stat().length if path.exists() else None
 
 
-def _fetch(output: str, name: str) -> Path:
+def fetch(output: str, name: str) -> Path:
     """A local copy of a file (or directory) of the output (the file itself when local)."""
     local = local_dir(output) / name
     if _is_url(output) and not local.exists():
@@ -279,13 +283,13 @@ def write_shard(task: Task) -> dict[str, Any]:
     temporary names and renamed when complete, then published, then the marker."""
     objective = task.objective
     data = objective.Data.from_mapping(task.data)
-    tokenizer = tokenizer_lib.load_tokenizer(_fetch(task.output, "tokenizer"))
+    tokenizer = tokenizer_lib.load_tokenizer(fetch(task.output, "tokenizer"))
     dtype = records.token_dtype(tokenizer.vocab_size)
     counts: dict[str, Any] = {"split": task.split, "shard": task.shard}
     if task.split == "eval":
         docs = []
         for shard in range(task.num_shards):
-            with open(_fetch(task.output, bucket_name(shard, task.shard))) as f:
+            with open(fetch(task.output, bucket_name(shard, task.shard))) as f:
                 docs.extend(json.loads(line) for line in f)
         name = records.shard_path("eval", task.shard, task.eval_shards)
     else:
@@ -325,17 +329,20 @@ def _write_split(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     count = tokens = 0
+    objective = task.objective
+    encode, size = objective.encode_record, objective.record_tokens
     writer = ArrayRecordWriter(str(tmp), records.WRITER_OPTIONS)
     try:
         if docs:
-            corpus = tokenize_documents(docs, tokenizer)
-            made = task.objective.make_records(
+            # Ids in the records' dtype from the start: encoding a record then copies nothing.
+            corpus = tokenize_documents(docs, tokenizer, dtype)
+            made = objective.make_records(
                 corpus, tokenizer, data, task.split, task.seed, task.shard
             )
             for record in made:
-                writer.write(task.objective.encode_record(record, dtype, data))
+                writer.write(encode(record, dtype, data))
                 count += 1
-                tokens += task.objective.record_tokens(record)
+                tokens += size(record)
         writer.close()
     except BaseException:
         if writer.is_open():
@@ -355,33 +362,42 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def run_tasks(
-    function: Callable[[Task], Any],
-    tasks: Sequence[Task],
-    *,
-    workers: int,
-    runner: str = "local",
-    runner_args: Sequence[str] = (),
-    desc: str = "",
-) -> None:
-    """Runs `function` on every task: in this process (1 worker), a spawned process pool, or an
-    Apache Beam pipeline (runner 'beam', with its pipeline options)."""
-    if not tasks:
-        return
-    if runner == "beam":
-        _run_beam(function, tasks, workers, runner_args)
-        return
-    if runner != "local":
-        raise DataError(f"--runner must be local or beam, got {runner!r}")
-    with tqdm(total=len(tasks), desc=desc, unit="shard", disable=len(tasks) < 2) as bar:
-        if workers <= 1:
-            for task in tasks:
-                function(task)
-                bar.update(1)
+class Runner:
+    """Runs shard tasks: in this process (1 worker), in spawned worker processes kept for every
+    pass, or as an Apache Beam pipeline (kind 'beam', with its pipeline options)."""
+
+    def __init__(self, workers: int = 1, kind: str = "local", args: Sequence[str] = ()) -> None:
+        if kind not in ("local", "beam"):
+            raise DataError(f"--runner must be local or beam, got {kind!r}")
+        self.workers, self.kind, self.args = workers, kind, list(args)
+        self._pool: Any = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def map(self, function: Callable[[Task], Any], tasks: Sequence[Task], desc: str = "") -> None:
+        """Runs `function` on every task (any order), with a progress bar."""
+        if not tasks:
             return
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-            for _ in pool.imap_unordered(function, tasks):
+        if self.kind == "beam":
+            _run_beam(function, tasks, self.workers, self.args)
+            return
+        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=len(tasks) < 2) as bar:
+            if self.workers <= 1:
+                for task in tasks:
+                    function(task)
+                    bar.update(1)
+                return
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                self._pool = context.Pool(self.workers, initializer=_worker_init)
+            for _ in self._pool.imap_unordered(function, tasks):
                 bar.update(1)
 
 
@@ -488,7 +504,7 @@ def prepare(
     wanted = command_settings(run, files, num_shards, seed)
     manifest = None
     if _size(output, records.MANIFEST) is not None:
-        manifest = json.loads(_fetch(output, records.MANIFEST).read_text())
+        manifest = json.loads(fetch(output, records.MANIFEST).read_text())
         _check_same(manifest, wanted, output)
         if _complete(manifest, output):
             log.info("%s is already prepared", output)
@@ -496,33 +512,33 @@ def prepare(
     plan = plan_shards(files, num_shards)
     base = Task(0, num_shards, (), output, run.family, run.data.to_dict(), seed,
                 run.data.split_seed)  # fmt: skip
-    if manifest is None:
-        manifest = _scan(run, objective, base, plan, wanted, total, tokenizer_sample_bytes,
-                         dict(workers=workers, runner=runner, runner_args=runner_args))  # fmt: skip
-        records.write_json(local_dir(output) / records.MANIFEST, manifest)
-        publish(output, records.MANIFEST)
-    split = manifest["split"]
-    base = dataclasses.replace(
-        base, eval_threshold=split["threshold"], eval_shards=split["eval_shards"]
-    )
-    how = dict(workers=workers, runner=runner, runner_args=runner_args)
-    _clean_partial(output)
-    try:
-        # Train shards first: they deal the held-out documents to the eval shards' buckets.
+    with Runner(workers, runner, runner_args) as pool:  # one set of workers for every pass
+        if manifest is None:
+            manifest = _scan(run, objective, base, plan, wanted, total, tokenizer_sample_bytes,
+                             pool)  # fmt: skip
+            records.write_json(local_dir(output) / records.MANIFEST, manifest)
+            publish(output, records.MANIFEST)
+        split = manifest["split"]
+        base = dataclasses.replace(
+            base, eval_threshold=split["threshold"], eval_shards=split["eval_shards"]
+        )
+        _clean_partial(output)
         train = [dataclasses.replace(base, shard=i, ranges=ranges) for i, ranges in enumerate(plan)]
-        todo = [t for t in train if not _shard_done(output, t)]
-        run_tasks(write_shard, todo, desc=f"prepare {run.family} train", **how)
         held_out = [
             dataclasses.replace(base, split="eval", shard=j) for j in range(base.eval_shards)
         ]
-        todo = [t for t in held_out if not _shard_done(output, t)]
-        run_tasks(write_shard, todo, desc=f"prepare {run.family} eval", **how)
-    except OSError as err:
-        done = sum(_shard_done(output, t) for t in train)
-        raise DataError(
-            f"prepare stopped: {err}. {done} of {num_shards} train shards are finished and kept "
-            f"in {output}; fix the cause and run the same command again to write the rest"
-        ) from err
+        try:
+            # Train shards first: they deal the held-out documents to the eval shards' buckets.
+            pool.map(write_shard, [t for t in train if not _shard_done(output, t)],
+                     desc=f"prepare {run.family} train")  # fmt: skip
+            pool.map(write_shard, [t for t in held_out if not _shard_done(output, t)],
+                     desc=f"prepare {run.family} eval")  # fmt: skip
+        except OSError as err:
+            done = sum(_shard_done(output, t) for t in train)
+            raise DataError(
+                f"prepare stopped: {err}. {done} of {num_shards} train shards are finished and "
+                f"kept in {output}; fix the cause and run the same command again to write the rest"
+            ) from err
     _finish(manifest, output, train + held_out, run.data.seq_len)
     return output
 
@@ -535,18 +551,18 @@ def _scan(
     wanted: dict[str, Any],
     total: int,
     sample_bytes: int,
-    how: dict[str, Any],
+    pool: Runner,
 ) -> dict[str, Any]:
     """Pass 1 and what the driver decides from it: the eval rule and the tokenizer."""
     output = base.output
-    fraction = min(1.0, sample_bytes / max(total, 1))
+    fraction = 0.0 if run.data.vocab_path else min(1.0, sample_bytes / max(total, 1))
     base = dataclasses.replace(
         base, sample_threshold=2**64 if fraction >= 1.0 else int(fraction * 2**64)
     )
     tasks = [dataclasses.replace(base, shard=i, ranges=r) for i, r in enumerate(plan)]
     todo = [t for t in tasks if _size(output, f"{WORK}/scan-{t.shard:05d}.npy") is None]
-    run_tasks(scan_shard, todo, desc=f"scan {run.family}", **how)
-    hashes = [np.load(_fetch(output, f"{WORK}/scan-{t.shard:05d}.npy")) for t in tasks]
+    pool.map(scan_shard, todo, desc=f"scan {run.family}")
+    hashes = [np.load(fetch(output, f"{WORK}/scan-{t.shard:05d}.npy")) for t in tasks]
     everything = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     if not len(everything):
         inputs = ", ".join(f["path"] for f in wanted["inputs"])
@@ -591,7 +607,7 @@ def _tokenizer(
         return tokenizer_lib.load_vocabulary(data.tokenizer, data.vocab_path, data.lowercase)
     sentences: list[str] = []
     for task in tasks:
-        with open(_fetch(output, f"{WORK}/sample-{task.shard:05d}.jsonl")) as f:
+        with open(fetch(output, f"{WORK}/sample-{task.shard:05d}.jsonl")) as f:
             for line in f:
                 entry = json.loads(line)
                 if entry["hash"] >= threshold:  # train documents only
@@ -613,7 +629,7 @@ def _shard_done(output: str, task: Task) -> bool:
     marker = marker_name(task.split, task.shard)
     if _size(output, marker) is None:
         return False
-    counts = json.loads(_fetch(output, marker).read_text())
+    counts = json.loads(fetch(output, marker).read_text())
     if _size(output, _shard_path(task)) != counts["bytes"]:
         _remove(output, marker)
         return False
@@ -647,7 +663,7 @@ def _finish(manifest: dict[str, Any], output: str, tasks: Sequence[Task], seq_le
     """Adds every file's counts to the manifest and writes COMPLETED last."""
     files: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     for task in tasks:
-        counts = json.loads(_fetch(output, marker_name(task.split, task.shard)).read_text())
+        counts = json.loads(fetch(output, marker_name(task.split, task.shard)).read_text())
         entry = {"path": _shard_path(task)}
         entry.update({k: counts[k] for k in ("records", "tokens", "bytes", "documents")})
         files[task.split].append(entry)

@@ -35,6 +35,7 @@ class DataSource:
         self.run = run
         self.objective = objectives.get(run.family)
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         data = run.data
         self.cache_dir = Path(data.cache_dir) if data.cache_dir else self.workdir / "cache"
         self._roots: dict[DataConfig, str] = {}
@@ -45,10 +46,10 @@ class DataSource:
             # Copied under a temporary name and renamed: the other processes of a multi-host run
             # check for this directory at the same moment and must never load half of it.
             tmp = Path(tempfile.mkdtemp(prefix="tokenizer.tmp", dir=self.workdir))
-            tokenizer_lib.load_tokenizer(prepare.local_dir(root) / "tokenizer").save(tmp)
+            tokenizer_lib.load_tokenizer(prepare.fetch(root, "tokenizer")).save(tmp)
             os.replace(tmp, tokenizer_dir)
         self.tokenizer = tokenizer_lib.load_tokenizer(
-            tokenizer_dir if tokenizer_dir.exists() else prepare.local_dir(root) / "tokenizer"
+            tokenizer_dir if tokenizer_dir.exists() else prepare.fetch(root, "tokenizer")
         )
         self._check_tokenizer(root)
         if self.tokenizer.vocab_size > run.model.vocab_size:
@@ -106,6 +107,14 @@ class DataSource:
                 f"({self.workdir / 'tokenizer'}): prepare the corpus with the run's vocabulary "
                 "(data.vocab_path), or use a new --workdir"
             )
+        data = self.run.data
+        if data.vocab_path:
+            given = tokenizer_lib.load_vocabulary(data.tokenizer, data.vocab_path, data.lowercase)
+            if given.fingerprint != made_with:
+                raise DataError(
+                    f"{root} was prepared with another vocabulary than data.vocab_path="
+                    f"{data.vocab_path}: prepare it with that vocabulary, or leave vocab_path empty"
+                )
 
     def source(self, split: str, data: DataConfig) -> PreparedSource:
         """Random access to the records of one split of the data's prepared directory."""

@@ -218,18 +218,21 @@ def test_plan_deals_byte_shares_and_gzip_whole(tmp_path):
     ]
 
 
-def test_training_reads_a_prepared_directory_via_the_cli(corpus, tmp_path, capsys):
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "gpt", "t5"])
+def test_training_reads_a_prepared_directory_via_the_cli(family, corpus, tmp_path, capsys):
     from jaxgen import cli
     from tests.tiny_runs import TINY
 
     output = tmp_path / "prepared"
-    overrides = [f"--config.{o}" for o in TINY["gpt"] if o.startswith(("model.", "data."))]
+    overrides = [f"--config.{o}" for o in TINY[family] if o.startswith(("model.", "data."))]
+    config = f"configs/{family}.py:smoke"
     with pytest.raises(SystemExit) as done:
-        cli.main(["prepare", "--config", "configs/gpt.py:smoke", "--input", str(corpus / "*"),
-                  "--output", str(output), "--num_shards", "3", *overrides])  # fmt: skip
+        cli.main(["prepare", "--config", config, "--input", str(corpus / "*"), "--output",
+                  str(output), "--num_shards", "3", *overrides])  # fmt: skip
     assert done.value.code == 0 and "prepared" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
-        cli.main(["train", "--config", "configs/gpt.py:smoke", "--workdir", str(tmp_path / "run"),
+        cli.main(["train", "--config", config, "--workdir", str(tmp_path / "run"),
                   f"--config.data.corpus={output}", "--config.train.num_steps=2",
                   "--config.train.batch_size=8", *overrides])  # fmt: skip
     assert done.value.code == 0
@@ -237,3 +240,23 @@ def test_training_reads_a_prepared_directory_via_the_cli(corpus, tmp_path, capsy
     assert (tmp_path / "run" / "tokenizer").is_dir()
     assert not (tmp_path / "run" / "cache").exists()  # read in place, nothing prepared again
     shutil.rmtree(tmp_path / "run")
+
+
+def test_a_url_output_and_url_inputs_go_through_staging(corpus, reference, tmp_path, monkeypatch):
+    """gs:// needs the network; a fake:// scheme mapped onto a local folder takes the same path:
+    inputs read through etils.epath, files written locally, then copied to the URL."""
+    from etils import epath
+
+    local = epath.Path
+    bucket = tmp_path / "bucket"
+    shutil.copytree(corpus, bucket / "corpus")
+    monkeypatch.setattr(epath, "Path", lambda p: local(str(p).replace("fake://", f"{bucket}/")))
+    prepare.prepare(data_config("bert"), "fake://corpus/*", "fake://prep", num_shards=SHARDS)
+    written = files_of(bucket / "prep")
+    assert written.keys() == reference.keys()
+    assert all(written[k] == v for k, v in reference.items() if k != records.MANIFEST)
+    assert (bucket / "prep" / records.COMPLETED).is_file()
+    assert records.is_prepared("fake://prep") and records.load_manifest("fake://prep")["files"]
+    # A re-run finds the URL's directory complete and writes nothing.
+    monkeypatch.setattr(prepare, "write_shard", lambda task: pytest.fail("rewrote a shard"))
+    prepare.prepare(data_config("bert"), "fake://corpus/*", "fake://prep", num_shards=SHARDS)
