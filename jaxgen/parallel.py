@@ -38,6 +38,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 FALLBACK_RULES = tuple((name, None if name == "vocab" else axes) for name, axes in LOGICAL_RULES)
 
 
+def device_platform() -> str:
+    """The platform ('tpu', 'gpu' or 'cpu') of the mesh in context, else of the default backend."""
+    # The mesh's devices, not the host's: a CPU process builds TPU or GPU steps over compile-only
+    # devices (`jaxgen compile`), and their kernels must be the target's.
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolves the (data, fsdp, tensor) sizes, where one -1 takes the remaining devices.
 

@@ -15,11 +15,11 @@ IMPLS = ("xla", "flash", "auto")
 
 
 def resolve_impl(impl: str) -> str:
-    """Returns the concrete implementation of `impl`: 'auto' is flash on TPU and GPU, xla on CPU."""
+    """The concrete implementation of `impl`: 'auto' is flash on a TPU or GPU mesh, xla on CPU."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl == "auto":
-        return "flash" if jax.default_backend() in ("tpu", "gpu") else "xla"
+        return "flash" if parallel.device_platform() in ("tpu", "gpu") else "xla"
     return impl
 
 

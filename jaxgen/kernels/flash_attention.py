@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from jaxgen import parallel
 from jaxgen.kernels.dropout import keep_bits, seed_of
 from jaxgen.kernels.reference import MASK_VALUE, RelativePositionBias, relative_position_bucket
 
@@ -612,8 +613,9 @@ def flash_attention(
     Same semantics as `reference.attention`: segment ids `[B, T]` / `[B, S]` (0 = padding; both or
     neither), additive `bias` `[B|1, N, T, S]`, T5 `relative_bias` computed in the kernel, dropout
     from `dropout_rng` (a PRNG key or int seed; mask: `dropout.attention_keep_mask`). `backend`
-    'tpu' (Mosaic) or 'gpu' (Triton) picks the kernel flavour (default: the platform's; the GPU
-    flavour on CPU); `interpret` defaults to True on CPU. Differentiable in q, k, v, bias and the
+    'tpu' (Mosaic) or 'gpu' (Triton) picks the kernel flavour (default: that of the mesh in
+    context, else of the default backend; the GPU flavour on CPU); `interpret` defaults to True
+    on CPU. Differentiable in q, k, v, bias and the
     relative table.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -648,7 +650,7 @@ def flash_attention(
         raise ValueError(f"{dropout_rate=} must be in [0, 1)")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rate > 0 needs a dropout_rng")
-    platform = jax.default_backend()
+    platform = parallel.device_platform()
     if backend is None:
         backend = "tpu" if platform == "tpu" else "gpu"
     if backend not in BACKENDS:

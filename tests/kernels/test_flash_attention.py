@@ -387,3 +387,38 @@ def test_lowers_with_mosaic_and_triton(platform):
     exported = jax.export.export(grad, platforms=[platform], disabled_checks=checks)
     text = exported(q, q, q, seg, table, bias).mlir_module()
     assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in text
+
+
+@pytest.mark.parametrize(
+    ("platform", "device_kind", "custom_call"),
+    [("tpu", "TPU v5 lite", "tpu_custom_call"), ("cuda", "H100", "__gpu$xla.gpu.triton")],
+)
+def test_the_kernel_flavour_follows_the_mesh_not_the_host(
+    platform: str, device_kind: str, custom_call: str
+) -> None:
+    from jaxgen.kernels.attention import resolve_impl
+
+    mesh = jax.sharding.AbstractMesh(
+        (1,),
+        ("data",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        abstract_device=jax.sharding.AbstractDevice(
+            device_kind=device_kind, num_cores=None, platform=platform
+        ),
+    )
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)
+    step = jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, causal=True))
+    assert resolve_impl("auto") == "xla"  # this host is a CPU
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert resolve_impl("auto") == "flash"
+        # Exported for the target (lowering only: no TPU or GPU compiler runs here), the kernel
+        # is the target's real one, not the interpreter the host would pick for itself.
+        exported = jax.export.export(
+            step,
+            platforms=[platform],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(q, q, q)
+    text = exported.mlir_module()
+    assert custom_call in text
+    other = {"tpu_custom_call", "__gpu$xla.gpu.triton"} - {custom_call}
+    assert not any(name in text for name in other)
