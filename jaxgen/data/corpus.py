@@ -262,9 +262,15 @@ def _open(path: str) -> IO[bytes]:
     return gzip.open(handle) if path.lower().endswith(GZIP_SUFFIX) else handle
 
 
+def _check_text(path: str, offset: int, data: bytes) -> None:
+    """Refuses bytes read at `offset` that hold a NUL: the file is binary, not text."""
+    if b"\x00" in data:
+        raise CorpusError(
+            f"{path} is not a text file (a NUL byte near offset {offset + data.index(0)})"
+        )
+
+
 def _decode(path: str, offset: int, line: bytes) -> str:
-    if b"\x00" in line:  # _blocks checks whole blocks; JSONL lines come one by one
-        raise CorpusError(f"{path} is not a text file (a NUL byte near offset {offset})")
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -299,10 +305,11 @@ def _line_start(handle: IO[bytes], start: int) -> int:
     return handle.tell()
 
 
-def _lines(handle: IO[bytes], offset: int) -> Iterator[tuple[int, bytes]]:
+def _lines(handle: IO[bytes], offset: int, path: str) -> Iterator[tuple[int, bytes]]:
     """(offset, line) of every line from `offset` (a line start) on."""
     handle.seek(offset)
     for line in iter(handle.readline, b""):
+        _check_text(path, offset, line)
         yield offset, line
         offset += len(line)
 
@@ -316,14 +323,12 @@ def _blocks(handle: IO[bytes], offset: int, path: str) -> Iterator[tuple[int, by
         data = pending + block
         if not block:
             if data:
+                _check_text(path, offset, data)
                 yield offset, data
             return
         cut = data.rfind(b"\n") + 1
         pending = data[cut:]
-        if b"\x00" in data[:cut]:
-            raise CorpusError(
-                f"{path} is not a text file (a NUL byte near offset {offset + data.index(0)})"
-            )
+        _check_text(path, offset, data[:cut])
         for line in data[:cut].split(b"\n")[:-1]:
             yield offset, line
             offset += len(line) + 1
@@ -355,7 +360,7 @@ def _bert_format(path: str, handle: IO[bytes], start: int, end: float) -> Iterat
 
 def _jsonl(path: str, handle: IO[bytes], start: int, end: float) -> Iterator[Document]:
     """One JSON object per line with a string 'text' field; each text is split into sentences."""
-    for offset, raw in _lines(handle, _line_start(handle, start)):
+    for offset, raw in _lines(handle, _line_start(handle, start), path):
         if offset >= end:
             return
         line = _decode(path, offset, raw)

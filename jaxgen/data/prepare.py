@@ -377,7 +377,10 @@ class Runner:
 
     def __exit__(self, *exc: Any) -> None:
         if self._pool is not None:
-            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            if exc[0] is not None:
+                self._pool.terminate()
+            else:
+                self._pool.close()
             self._pool.join()
             self._pool = None
 

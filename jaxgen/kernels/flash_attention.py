@@ -615,8 +615,7 @@ def flash_attention(
     from `dropout_rng` (a PRNG key or int seed; mask: `dropout.attention_keep_mask`). `backend`
     'tpu' (Mosaic) or 'gpu' (Triton) picks the kernel flavour (default: that of the mesh in
     context, else of the default backend; the GPU flavour on CPU); `interpret` defaults to True
-    on CPU. Differentiable in q, k, v, bias and the
-    relative table.
+    on CPU. Differentiable in q, k, v, bias and the relative table.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, len, N, H]; got {q.shape=} {k.shape=} {v.shape=}")

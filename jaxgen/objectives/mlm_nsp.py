@@ -162,7 +162,7 @@ def _randint(rng: np.random.Generator, low: int, high: int) -> int:
 class _Document:
     """A document's sentences as one token array and the sentence boundaries within it."""
 
-    tokens: np.ndarray  # [len] int32
+    tokens: np.ndarray  # [len], the corpus's token dtype
     starts: list[int]  # [num_sentences + 1]
 
     @classmethod

@@ -99,6 +99,15 @@ def test_binary_file(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CorpusError, match=f"{path} is not a text file"):
         load_documents(str(path))
+    # A NUL only in a last line without its newline, and one in a JSONL line: both readers check.
+    tail = tmp_path / "tail.txt"
+    tail.write_bytes(b"One sentence.\nTwo sentences.\n\nA second document.\nends \x00here")
+    with pytest.raises(CorpusError, match=f"{tail} is not a text file"):
+        load_documents(str(tail))
+    jsonl = tmp_path / "nul.jsonl"
+    jsonl.write_bytes(b'{"text": "A document."}\n{"text": "Another\x00 one."}\n')
+    with pytest.raises(CorpusError, match=f"{jsonl} is not a text file"):
+        load_documents(str(jsonl))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 au lait.\n".encode("latin-1"))
     with pytest.raises(CorpusError, match="not UTF-8"):
