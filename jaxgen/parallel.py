@@ -47,6 +47,33 @@ def device_platform() -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
+# Device kinds as jax reports them -> TPU generation names (`jax.Device.device_kind`).
+_TPU_KINDS = (
+    ("TPU v2", "v2"),
+    ("TPU v3", "v3"),
+    ("TPU v4", "v4"),
+    ("TPU v5 lite", "v5e"),
+    ("TPU v5e", "v5e"),
+    ("TPU v5", "v5p"),
+    ("TPU v6 lite", "v6e"),
+    ("TPU v6", "v6e"),
+    ("TPU7x", "tpu7x"),
+)
+
+
+def tpu_generation() -> str | None:
+    """The TPU generation ('v3', 'v5e', ...) of the mesh in context or the default devices."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    kind = device.device_kind if device is not None else jax.devices()[0].device_kind
+    if device is None and jax.default_backend() != "tpu":
+        return None
+    # Longest prefix first: "TPU v5 lite" before "TPU v5".
+    for prefix, generation in sorted(_TPU_KINDS, key=lambda kv: -len(kv[0])):
+        if kind.startswith(prefix):
+            return generation
+    return None
+
+
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolves the (data, fsdp, tensor) sizes, where one -1 takes the remaining devices.
 

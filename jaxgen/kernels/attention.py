@@ -33,6 +33,8 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     bias: jax.Array | None = None,
     relative_bias: RelativePositionBias | None = None,
+    window: int | None = None,
+    q_offset: int | jax.Array = 0,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
@@ -43,6 +45,8 @@ def attention(
 
     segment ids are `[B, T]` / `[B, S]` int32 with 0 = padding; for self-attention `kv_segment_ids`
     defaults to `segment_ids`. `bias` is additive `[B|1, N, T, S]`; `scale` defaults to 1/sqrt(H).
+    `window` hides keys `window` or more positions before the query; query i sits at position
+    `q_offset + i` (an int, or a traced scalar when decoding) for masks and the relative bias.
     `partition` is how q is sharded over the current mesh (`[B, T, N, H]` mesh axes): the flash
     kernel cannot be partitioned by XLA, so it runs under `shard_map` on each device's batch and
     head shard.
@@ -73,6 +77,8 @@ def attention(
         kv_segment_ids=kv_segment_ids,
         bias=bias,
         relative_bias=relative_bias,
+        window=window,
+        q_offset=q_offset,
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,

@@ -52,9 +52,11 @@ def relative_position_bucket(
     return ret + jnp.where(is_small, n, val_if_large)
 
 
-def relative_bias_values(rel: RelativePositionBias, q_len: int, kv_len: int) -> jax.Array:
+def relative_bias_values(
+    rel: RelativePositionBias, q_len: int, kv_len: int, q_offset: int | jax.Array = 0
+) -> jax.Array:
     """Materialises a relative-position bias as `[1, N, T, S]` (the reference path only)."""
-    context = jnp.arange(q_len, dtype=jnp.int32)[:, None]
+    context = q_offset + jnp.arange(q_len, dtype=jnp.int32)[:, None]
     memory = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
     buckets = relative_position_bucket(
         memory - context,
@@ -73,11 +75,22 @@ def attention_mask(
     causal: bool,
     segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
+    window: int | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array | None:
-    """Boolean `[B|1, 1, T, S]` mask of visible keys, or None when every key is visible."""
+    """Boolean `[B|1, 1, T, S]` mask of visible keys, or None when every key is visible.
+
+    Query i sits at position `q_offset + i`, key j at j. causal: keys after the query are hidden;
+    window: keys `window` or more positions before it are hidden (GPT-3's banded layers).
+    """
     mask = None
+    q_pos = q_offset + jnp.arange(q_len)[:, None]
+    k_pos = jnp.arange(kv_len)[None, :]
     if causal:
-        mask = (jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
+        mask = (q_pos >= k_pos)[None, None]
+    if window is not None:
+        band = (k_pos > q_pos - window)[None, None]
+        mask = band if mask is None else mask & band
     if segment_ids is not None or kv_segment_ids is not None:
         if segment_ids is None or kv_segment_ids is None:
             raise ValueError(
@@ -101,6 +114,8 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     bias: jax.Array | None = None,
     relative_bias: RelativePositionBias | None = None,
+    window: int | None = None,
+    q_offset: int | jax.Array = 0,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
@@ -108,9 +123,10 @@ def attention(
 ) -> jax.Array:
     """Softmax attention of q `[B, T, N, H]` over k, v `[B, S, N, H]`; returns `[B, T, N, H]`.
 
-    Accumulates in float32. Rows with no visible key return zeros. `dropout_mask` (`[B, N, T, S]`,
-    True = keep) overrides the mask drawn from `dropout_rng`, so tests can feed the kernel's own
-    mask.
+    Accumulates in float32. Rows with no visible key return zeros. Masks and the relative bias
+    place query i at position `q_offset + i` (decoding after a prompt); see `attention_mask`.
+    `dropout_mask` (`[B, N, T, S]`, True = keep) overrides the mask drawn from `dropout_rng`, so
+    tests can feed the kernel's own mask.
     """
     _, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
@@ -124,9 +140,15 @@ def attention(
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if relative_bias is not None:
-        logits = logits + relative_bias_values(relative_bias, q_len, kv_len)
+        logits = logits + relative_bias_values(relative_bias, q_len, kv_len, q_offset)
     mask = attention_mask(
-        q_len, kv_len, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+        q_len,
+        kv_len,
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        window=window,
+        q_offset=q_offset,
     )
     if mask is not None:
         logits = jnp.where(mask, logits, MASK_VALUE)

@@ -21,12 +21,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from jaxgen.kernels import dropout as dropout_lib
-from jaxgen.kernels.attention import RelativePositionBias, attention, relative_position_bucket
-
-# Additive bias for masked logits in explicit masks: exp() of it is exactly 0 in float32, and the
-# sum of two of them stays finite (unlike finfo.min), so a mask bias can be combined with the
-# kernel's own masking.
-MASK_BIAS = -1e9
+from jaxgen.kernels.attention import RelativePositionBias, attention
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -280,20 +275,15 @@ class Mlp(nn.Module):
         return out  # [B, T, D]
 
 
-def _visible_bias(visible: jax.Array, heads: int) -> jax.Array:
-    """Boolean `[T, S]` visibility -> additive bias `[1, N, T, S]` (0 visible, MASK_BIAS hidden)."""
-    bias = jnp.where(visible, 0.0, MASK_BIAS).astype(jnp.float32)
-    return jnp.broadcast_to(bias[None, None], (1, heads) + visible.shape)
-
-
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: q, k, v projections `[D, N, H]`, output `out [N, H, D]`.
 
     `decode=True` keeps a KV cache in the 'cache' collection (`cached_key`, `cached_value`
     `[B, S, N, H]`, `cache_index`): the first call (at init) only sizes the cache to its input
     length; later calls append their T tokens at `cache_index` and attend causally to everything
-    cached, through the XLA path with an explicit mask bias. `local_window` adds GPT-3's banded
-    causal pattern (each query sees only the last `local_window` keys, itself included).
+    cached (the XLA path, queries offset by the cache index). `local_window` adds GPT-3's banded
+    causal pattern (each query sees only the last `local_window` keys, itself included). Both are
+    masks the attention implementation computes from positions: no `[T, S]` bias is built.
     """
 
     num_heads: int
@@ -340,20 +330,16 @@ class MultiHeadAttention(nn.Module):
         v = self._project(kv, "value", self.kv_std)  # [B, S, N, H]
         kv_axes = ("batch", "kv_length", "heads", "kv")
         k, v = constrain(k, kv_axes), constrain(v, kv_axes)
-        bias, impl = None, self.impl
-        t_len = x.shape[1]
+        impl, q_offset = self.impl, 0
         if self.decode and not cross:
             if self.has_variable("cache", "cached_key"):
-                k, v, bias = self._update_cache(k, v, relative_bias)
-                causal, segment_ids, kv_segment_ids, relative_bias = False, None, None, None
+                k, v, q_offset = self._update_cache(k, v)
+                causal, segment_ids, kv_segment_ids = True, None, None
             else:
                 # First call (init): create a zero cache sized by this full-length input.
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
                 self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
                 self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        if bias is None and self.local_window is not None:
-            q_pos, k_pos = jnp.arange(t_len)[:, None], jnp.arange(k.shape[1])[None, :]
-            bias = _visible_bias(k_pos > q_pos - self.local_window, self.num_heads)
         if self.decode:
             impl = "xla"
         use_dropout = not self.deterministic and self.dropout_rate > 0.0
@@ -364,8 +350,9 @@ class MultiHeadAttention(nn.Module):
             causal=causal,
             segment_ids=segment_ids,
             kv_segment_ids=kv_segment_ids,
-            bias=bias,
             relative_bias=relative_bias,
+            window=self.local_window,
+            q_offset=q_offset,
             scale=self.scale,
             dropout_rate=self.dropout_rate if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
@@ -384,15 +371,16 @@ class MultiHeadAttention(nn.Module):
         )
         return dense(out)  # [B, T, D]
 
-    def _update_cache(
-        self, k: jax.Array, v: jax.Array, relative_bias: RelativePositionBias | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Writes k, v `[B, T, N, H]` at cache_index -> cached k, v `[B, S, N, H]`, mask bias."""
+    def _update_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes k, v `[B, T, N, H]` at cache_index -> cached k, v `[B, S, N, H]`, its offset.
+
+        Slots past the new tokens are still zeros: the causal mask at the returned query offset
+        hides them.
+        """
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        index = cache_index.value
-        t_len, s_len = k.shape[1], cached_key.value.shape[1]
+        index, t_len = cache_index.value, k.shape[1]
         k = jax.lax.dynamic_update_slice(
             cached_key.value, k.astype(cached_key.value.dtype), (0, index, 0, 0)
         )
@@ -400,22 +388,7 @@ class MultiHeadAttention(nn.Module):
             cached_value.value, v.astype(cached_value.value.dtype), (0, index, 0, 0)
         )
         cached_key.value, cached_value.value, cache_index.value = k, v, index + t_len
-        q_pos = index + jnp.arange(t_len)[:, None]  # [T, 1]
-        k_pos = jnp.arange(s_len)[None, :]  # [1, S]
-        visible = k_pos <= q_pos
-        if self.local_window is not None:
-            visible &= k_pos > q_pos - self.local_window
-        bias = _visible_bias(visible, self.num_heads)  # [1, N, T, S]
-        if relative_bias is not None:
-            buckets = relative_position_bucket(
-                k_pos - q_pos,
-                bidirectional=relative_bias.bidirectional,
-                num_buckets=relative_bias.num_buckets,
-                max_distance=relative_bias.max_distance,
-            )  # [T, S]
-            values = relative_bias.table[buckets].astype(jnp.float32)  # [T, S, N]
-            bias = bias + jnp.transpose(values, (2, 0, 1))[None]  # [1, N, T, S]
-        return k, v, bias
+        return k, v, index
 
 
 def init_std_scaled(std: float, num_layers: int) -> float:

@@ -7,6 +7,7 @@ covering array: every value of every axis appears, and so does every pair of val
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -70,6 +71,14 @@ def _pairwise(axes: dict[str, tuple]) -> list[dict]:
 
 
 CASES = _pairwise(AXES)
+# A _Static to vary in tests of the tile bookkeeping (no kernel runs).
+_STATIC = fa._Static(
+    backend="tpu", interpret=True, f32_matmul=False, scale=1.0, causal=False, window=0,
+    q_offset=0, q_offset_traced=False, has_segments=False, has_bias=False, bias_batched=False,
+    has_relative=False, rel_bidirectional=False, rel_num_buckets=0, rel_max_distance=0,
+    dropout_rate=0.0, heads=1, head_dim=64, q_len=256, kv_len=256, kv_len_padded=256,
+    block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=16,
+)  # fmt: skip
 FAST = 4  # the first cases run in every test session; the rest are marked slow
 
 
@@ -197,6 +206,48 @@ def test_batched_bias_and_small_blocks():
     x = _inputs(case, batch=2, heads=1, seed=1)
     blocks = fa.BlockSizes(block_q=32, block_kv=16, block_q_bwd=16, block_kv_bwd=32)
     _check(x, jnp.float32, block_sizes=blocks)
+
+
+# Sliding windows and query offsets (GPT-3's banded layers, decoding after a prompt): a window
+# narrower than a block and one spanning several, a prompt offset known at trace time (tiles
+# outside the band skipped) and the same offset traced (every tile visited, masked).
+WINDOW_CASES = {
+    "window-3": dict(length=200, cross=False, window=3, q_offset=0),
+    "window-40": dict(length=200, cross=False, window=40, q_offset=0),
+    "offset": dict(length=7, cross=True, window=None, q_offset=193),
+    "offset+window": dict(length=7, cross=True, window=30, q_offset=193),
+    "traced-offset+window": dict(length=7, cross=True, window=30, q_offset="traced"),
+}
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_window_and_query_offset_match_reference(name, backend):
+    """Banded and offset causal masks from indices equal the reference's, forward and gradients."""
+    spec = WINDOW_CASES[name]
+    case = dict(causal=True, segments=True, bias="relative", head_dim=64, dtype="float32")
+    case.update(length=spec["length"], cross=spec["cross"])
+    x = _inputs(case)
+    offset = spec["q_offset"]
+    # A jax.Array keyword reaches the jitted function as an argument: traced, as when decoding.
+    x["kwargs"].update(
+        window=spec["window"], q_offset=jnp.int32(193) if offset == "traced" else offset
+    )
+    blocks = fa.BlockSizes(block_q=16, block_kv=32, block_q_bwd=32, block_kv_bwd=16)
+    _check(x, jnp.float32, backend=backend, block_sizes=blocks)
+
+
+def test_tiles_outside_the_band_are_not_visited():
+    """A static window bounds the kv range of each q block: banded work is linear in length."""
+    c = dataclasses.replace(_STATIC, causal=True, window=40)
+    bands = [tuple(int(x) for x in fa._kv_band(c, i, 16, 16, 16)) for i in range(16)]
+    assert bands[0] == (0, 0) and bands[8] == (5, 8) and bands[15] == (12, 15)
+    assert all(last - first + 1 <= 4 for first, last in bands)  # ceil(40 / 16) + 1 blocks
+    q_bands = [tuple(int(x) for x in fa._q_band(c, j, 16, 16, 16)) for j in range(16)]
+    # kv block j is seen by q blocks j (diagonal) .. j + 3 (the window reaches 39 rows past it).
+    assert q_bands[0] == (0, 3) and q_bands[14] == (14, 15)
+    traced = dataclasses.replace(c, q_offset_traced=True)
+    assert tuple(int(x) for x in fa._kv_band(traced, 3, 16, 16, 16)) == (0, 15)
 
 
 def test_fully_masked_rows_give_zeros_and_finite_grads():

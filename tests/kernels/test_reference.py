@@ -84,3 +84,29 @@ def test_dropout_mask_scales_kept_probabilities():
     np.testing.assert_allclose(scaled, base / 0.8, rtol=1e-6, atol=1e-7)
     dropped = reference.attention(q, k, v, dropout_rate=0.2, dropout_mask=~keep)
     assert np.all(np.asarray(dropped) == 0.0)
+
+
+def test_window_and_offset_masks_equal_a_dense_bias():
+    """window / q_offset from positions give what an explicit [T, S] bias would (the old path)."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
+    table = jnp.asarray(rng.standard_normal((32, 2)), jnp.float32)
+    rel = reference.RelativePositionBias(table, bidirectional=False)
+    offset, window = 6, 4
+    q_pos = offset + np.arange(5)[:, None]
+    k_pos = np.arange(12)[None, :]
+    visible = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    dense = np.where(visible, 0.0, -1e9)[None, None] + np.asarray(
+        table[reference.relative_position_bucket(
+            jnp.asarray(k_pos - q_pos), bidirectional=False, num_buckets=32, max_distance=128
+        )]
+    ).transpose(2, 0, 1)[None]  # fmt: skip
+    want = reference.attention(q, k, k, bias=jnp.asarray(dense, jnp.float32))
+    for q_offset in (offset, jnp.int32(offset)):
+        got = jax.jit(
+            lambda q, k, o: reference.attention(
+                q, k, k, causal=True, window=window, q_offset=o, relative_bias=rel
+            )
+        )(q, k, q_offset)
+        np.testing.assert_allclose(got, want, atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,3 +114,37 @@ def test_local_window_hides_distant_keys():
     np.testing.assert_allclose(out[:, :2], changed[:, :2], atol=F32_ATOL)
     np.testing.assert_allclose(out[:, 5:], changed[:, 5:], atol=F32_ATOL)
     assert not np.allclose(out[:, 2:5], changed[:, 2:5], atol=1e-3)
+
+
+def _shapes(jaxpr: jax.extend.core.Jaxpr) -> set[tuple[int, ...]]:
+    """Shapes of every value a jaxpr and its sub-jaxprs (scan, pjit, pallas, custom_vjp) make."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes |= _shapes(inner)
+    return shapes
+
+
+def test_banded_attention_builds_no_length_by_length_array():
+    """GPT-3's local window reaches the flash kernel as a size: nothing [.., T, S] is built."""
+    length = 40  # not a tile size: the kernel's (64, 64) tiles cannot be mistaken for [T, S]
+    layer = MultiHeadAttention(
+        2, 64, q_std=0.5, kv_std=0.5, out_std=0.5, impl="flash", local_window=8
+    )
+    x = jnp.zeros((1, length, 16))
+    params = layer.init(jax.random.key(0), x, causal=True)
+
+    def loss(params, x):
+        return jnp.sum(layer.apply(params, x, causal=True))
+
+    for fn in (loss, jax.grad(loss)):
+        shapes = _shapes(jax.make_jaxpr(fn)(params, x).jaxpr)
+        assert not {s for s in shapes if s[-2:] == (length, length)}, sorted(shapes)
+    # The XLA path does build [B, N, T, S] logits: the check above can fail.
+    xla = layer.clone(impl="xla")
+    shapes = _shapes(jax.make_jaxpr(lambda p, x: xla.apply(p, x, causal=True))(params, x).jaxpr)
+    assert (1, 2, length, length) in shapes
