@@ -206,6 +206,9 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
 
     steps = _checkpoint_steps(workdir)
     assert len(steps) == 1 and steps[0] >= 3, steps
-    assert f"SIGTERM received: saved a checkpoint at step {steps[0]}" in texts[1]
-    assert f"SIGTERM on another host received: saved a checkpoint at step {steps[0]}" in texts[0]
+    # jax's preemption notifier took the signal on process 1 and the coordination service told
+    # process 0: both name the same step, and neither ran a per-step collective to learn it.
+    message = "preemption notice (SIGTERM on this or another host) received: saved a checkpoint"
+    for text in texts:
+        assert f"{message} at step {steps[0]}" in text
     assert max(_rows(workdir, "train")) == steps[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -268,14 +269,21 @@ def save(
 
 
 class _StopSignal:
-    """Turns SIGTERM and Ctrl-C into a flag checked between steps; the loop saves before exiting."""
+    """Turns SIGTERM and Ctrl-C into a flag checked between steps; the loop saves before exiting.
 
-    def __init__(self) -> None:
+    sigterm_to_jax: leave SIGTERM to jax's preemption notifier (installed by
+    `jax.distributed.initialize`, a C++ handler that a Python one would replace), and turn Ctrl-C
+    into a SIGTERM to this process so that it reaches every host the same way.
+    """
+
+    def __init__(self, *, sigterm_to_jax: bool = False) -> None:
         self.received: str | None = None
+        self.sigterm_to_jax = sigterm_to_jax
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self.sigterm_to_jax else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave handlers alone
@@ -286,19 +294,55 @@ class _StopSignal:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self.received = signal.Signals(signum).name
+        if self.sigterm_to_jax:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _agreed_stop(local: bool) -> bool:
-    """Whether any process was asked to stop: all processes must checkpoint at the same step."""
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
+def _preemption_service() -> bool:
+    """Whether jax's coordination service runs its preemption sync manager in this run."""
+    from jax._src import distributed
 
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    return distributed.global_state.preemption_sync_manager is not None
+
+
+class _StopAgreement:
+    """Decides after each step whether every process stops there; no per-step collective.
+
+    One process: its own flag. Several: jax's preemption sync point (what orbax and MaxText
+    use). A SIGTERM on any host is propagated by the coordination service in the background,
+    which picks the step after the furthest host's as the one where all save;
+    `reached_preemption_sync_point` is a local check until then. Without that service
+    (`jax_enable_preemption_service=False`) processes compare flags at checkpoint steps only.
+    """
+
+    def __init__(self, stop: _StopSignal, checkpoint_every: int) -> None:
+        self.stop = stop
+        self.checkpoint_every = checkpoint_every
+        self.multi = jax.process_count() > 1
+        self.service = self.multi and _preemption_service()
+
+    def __call__(self, done: int) -> bool:
+        """Whether all processes stop after step `done` (called once per step, on all of them)."""
+        from jax.experimental import multihost_utils
+
+        if not self.multi:
+            return self.stop.received is not None
+        if self.service:
+            return multihost_utils.reached_preemption_sync_point(done)
+        if done % self.checkpoint_every:
+            return False
+        flag = np.array(self.stop.received is not None)
+        return bool(np.any(multihost_utils.process_allgather(flag)))
+
+    def reason(self) -> str:
+        """What stopped the run, as far as this process knows."""
+        if self.service:
+            return "preemption notice (SIGTERM on this or another host)"
+        return self.stop.received or "SIGTERM on another host"
 
 
 def _train_iterator(source: DataSource, phase: Phase, data_state: dict[str, Any]) -> DataIterator:
@@ -369,7 +413,9 @@ def run_steps(
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
     try:
-        with _StopSignal() as stop:
+        multi = jax.process_count() > 1
+        with _StopSignal(sigterm_to_jax=multi and _preemption_service()) as stop:
+            agreed_stop = _StopAgreement(stop, train.checkpoint_every)
             for step in range(start, train.num_steps):
                 if step >= phase.end:
                     phase = phases[phase.index + 1]
@@ -399,11 +445,11 @@ def run_steps(
                 if done % train.checkpoint_every == 0 or last:
                     save(ckpt, done, state, phase, iterator, run)
                 bar.update(1)
-                if _agreed_stop(stop.received is not None):
+                if agreed_stop(done):
                     save(ckpt, done, state, phase, iterator, run)
                     ckpt.wait()
                     raise Preempted(
-                        f"{stop.received or 'SIGTERM on another host'} received: saved a "
+                        f"{agreed_stop.reason()} received: saved a "
                         f"checkpoint at step {done} in {ckpt.directory}; run the same command "
                         "again to resume"
                     )
