@@ -42,6 +42,32 @@ TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "l
 EVAL_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
 
 
+# Runs `python -m jaxgen` with jax's blocking host collectives and its preemption sync point
+# wrapped: each call appends "name<TAB>first argument<TAB>calling module" to $HOST_CALLS_DIR/<id>.
+HOST_CALLS_PROBE = r"""
+import os, runpy, sys
+from jax.experimental import multihost_utils
+
+process_id = sys.argv[sys.argv.index("--process_id") + 1]
+log = open(os.path.join(os.environ["HOST_CALLS_DIR"], process_id), "a", buffering=1)
+
+def wrap(name):
+    inner = getattr(multihost_utils, name)
+    def call(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__")
+        first = args[0] if args and isinstance(args[0], int) else ""
+        log.write(f"{name}\t{first}\t{caller}\n")
+        return inner(*args, **kwargs)
+    setattr(multihost_utils, name, call)
+
+for name in ("process_allgather", "broadcast_one_to_all", "sync_global_devices",
+             "reached_preemption_sync_point"):
+    wrap(name)
+runpy.run_module("jaxgen", run_name="__main__", alter_sys=True)
+"""
+SYNC_POINT = "reached_preemption_sync_point"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -49,10 +75,16 @@ def _free_port() -> int:
 
 
 def _start(
-    workdir: Path, overrides: list[str], num_processes: int, log_dir: Path, tag: str
+    workdir: Path,
+    overrides: list[str],
+    num_processes: int,
+    log_dir: Path,
+    tag: str,
+    host_calls: Path | None = None,
 ) -> tuple[list[subprocess.Popen], list[Path]]:
     """Starts `python -m jaxgen train` as `num_processes` processes of one runtime, 8 CPU devices in
-    all; returns the processes and their log files."""
+    all; returns the processes and their log files. With `host_calls`, each process records its
+    host collectives there (HOST_CALLS_PROBE)."""
     env = dict(os.environ)
     # Tiny programs: XLA's expensive CPU optimisations cost more compile time than they save.
     env["XLA_FLAGS"] = (
@@ -61,7 +93,12 @@ def _start(
     )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "jaxgen", "train", "--config", "configs/bert.py:smoke"]
+    entry = ["-m", "jaxgen"]
+    if host_calls is not None:
+        host_calls.mkdir(parents=True, exist_ok=True)
+        env["HOST_CALLS_DIR"] = str(host_calls)
+        entry = ["-c", HOST_CALLS_PROBE]
+    argv = [sys.executable, *entry, "train", "--config", "configs/bert.py:smoke"]
     argv += ["--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
     address = f"localhost:{_free_port()}"
     logs = [log_dir / f"{tag}-process{i}.log" for i in range(num_processes)]
@@ -133,6 +170,11 @@ def _rows(workdir: Path, split: str) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
+def _host_calls(path: Path) -> list[tuple[str, str, str]]:
+    """(name, first argument, calling module) of every wrapped call one process made, in order."""
+    return [tuple(line.split("\t")) for line in path.read_text().splitlines()]
+
+
 def _checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -194,7 +236,8 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
         "optim.schedule=constant",
         "optim.warmup_steps=0",
     ]
-    procs, logs = _start(workdir, overrides, 2, tmp_path, "sigterm")
+    host_calls = tmp_path / "host_calls"
+    procs, logs = _start(workdir, overrides, 2, tmp_path, "sigterm", host_calls)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
@@ -206,9 +249,24 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
 
     steps = _checkpoint_steps(workdir)
     assert len(steps) == 1 and steps[0] >= 3, steps
-    # jax's preemption notifier took the signal on process 1 and the coordination service told
-    # process 0: both name the same step, and neither ran a per-step collective to learn it.
+    # jax's preemption notifier took the signal on process 1 only (its C++ warning "SIGTERM caught
+    # at ..."; a Python handler would have replaced it), and the coordination service told
+    # process 0: both name the same step.
+    assert "SIGTERM caught" in texts[1] and "SIGTERM caught" not in texts[0]
     message = "preemption notice (SIGTERM on this or another host) received: saved a checkpoint"
     for text in texts:
         assert f"{message} at step {steps[0]}" in text
     assert max(_rows(workdir, "train")) == steps[0]
+
+    # Neither learnt it through a collective: the loop asked the sync point once a step (a local
+    # check), and no blocking host collective ran between its first and last step (no eval or
+    # checkpoint step falls there; the final save comes after).
+    for i in range(2):
+        calls = _host_calls(host_calls / str(i))
+        checks = [
+            k for k, (name, step, caller) in enumerate(calls)
+            if name == SYNC_POINT and caller == "jaxgen.train.loop" and int(step) > 0
+        ]  # fmt: skip
+        assert [int(calls[k][1]) for k in checks] == list(range(1, steps[0] + 1)), calls
+        between = [c for c in calls[checks[0] : checks[-1]] if c[0] != SYNC_POINT]
+        assert between == [], f"process {i} ran host collectives between steps: {between}"

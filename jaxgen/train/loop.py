@@ -309,14 +309,30 @@ def _preemption_service() -> bool:
     return distributed.global_state.preemption_sync_manager is not None
 
 
+def _report_resume_step(step: int) -> None:
+    """Tells jax's preemption sync manager the step this run resumes from, before it trains."""
+    # The sync point is one past the furthest host's last reported step, and a host counts as at
+    # step 0 until it first reports: a notice during the restore or the first compile would pick
+    # step 1, which a resumed run has passed. Reported first, the resume step makes it the run's
+    # first step. A notice before this (during data setup or init) still picks step 1: the run
+    # then trains on until the scheduler kills it, losing the steps since the checkpoint it
+    # resumed from.
+    if jax.process_count() > 1 and _preemption_service():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.reached_preemption_sync_point(step)
+
+
 class _StopAgreement:
     """Decides after each step whether every process stops there; no per-step collective.
 
     One process: its own flag. Several: jax's preemption sync point (what orbax and MaxText
     use). A SIGTERM on any host is propagated by the coordination service in the background,
     which picks the step after the furthest host's as the one where all save;
-    `reached_preemption_sync_point` is a local check until then. Without that service
-    (`jax_enable_preemption_service=False`) processes compare flags at checkpoint steps only.
+    `reached_preemption_sync_point` is a local check until then. It is asked with the run's own
+    step, not steps since start: orbax's `CheckpointManager.save` reports its step to the same
+    manager. Without that service (`jax_enable_preemption_service=False`) processes compare flags
+    at checkpoint steps only.
     """
 
     def __init__(self, stop: _StopSignal, checkpoint_every: int) -> None:
@@ -340,9 +356,12 @@ class _StopAgreement:
 
     def reason(self) -> str:
         """What stopped the run, as far as this process knows."""
+        if self.stop.received:
+            return self.stop.received
+        # jax's notifier, not jaxgen, takes a SIGTERM under the service: no host knows whose it was.
         if self.service:
             return "preemption notice (SIGTERM on this or another host)"
-        return self.stop.received or "SIGTERM on another host"
+        return "SIGTERM on another host"
 
 
 def _train_iterator(source: DataSource, phase: Phase, data_state: dict[str, Any]) -> DataIterator:
@@ -489,10 +508,12 @@ def train(run: RunConfig, workdir: str | Path) -> list[dict[str, Any]]:
     phases = plan_phases(run, batch_granule(run, mesh))
     source = DataSource(run, workdir)
     trainer, state = build_trainer(run, mesh)
+    # Made after the config has been checked: its directory marks the workdir as holding a run.
     ckpt = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=run.train.max_to_keep, keep_best=run.train.keep_best
     )
     try:
+        _report_resume_step(ckpt.latest_step() or 0)
         state, start, data_state = restore_or_init(trainer, state, ckpt)
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
         try:

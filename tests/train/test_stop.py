@@ -73,3 +73,48 @@ def test_sigterm_is_left_to_jax_when_its_notifier_runs(monkeypatch):
     assert sent == [signal.SIGTERM] and stop.received == "SIGINT"
     with loop._StopSignal() as stop:
         assert signal.getsignal(signal.SIGTERM) == stop._handle
+
+
+class _SyncManager:
+    """jax's preemption sync manager in miniature: this host's counter is the last step it asked
+    about (0 before it first asks); a notice sets the sync point one past the furthest host's."""
+
+    def __init__(self) -> None:
+        self.counter = 0
+        self.sync_point = -1
+
+    def reached_sync_point(self, step: int) -> bool:
+        self.counter = step
+        return step == self.sync_point
+
+    def notice(self, other_counters: list[int]) -> None:
+        self.sync_point = max(self.counter, *other_counters) + 1
+
+
+def _two_hosts_with(monkeypatch: pytest.MonkeyPatch, manager: _SyncManager) -> None:
+    from jax._src import distributed
+
+    monkeypatch.setattr(distributed.global_state, "client", object())
+    monkeypatch.setattr(distributed.global_state, "preemption_sync_manager", manager)
+    monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+
+
+def test_a_notice_while_restoring_stops_a_resumed_run_at_its_first_step(monkeypatch):
+    """Without the resume step reported, both hosts count as at step 0 and the sync point is step
+    1, which a run resumed at step 1000 never reaches."""
+    manager = _SyncManager()
+    _two_hosts_with(monkeypatch, manager)
+    loop._report_resume_step(1000)
+    # SIGTERM while both hosts restore step 1000; the other host ran the same start-up.
+    manager.notice(other_counters=[manager.counter])
+    agree = loop._StopAgreement(loop._StopSignal(), checkpoint_every=500)
+    assert [done for done in range(1001, 1010) if agree(done)] == [1001]
+
+
+def test_a_local_ctrl_c_names_itself_under_the_preemption_service(monkeypatch):
+    _two_hosts_with(monkeypatch, _SyncManager())
+    stop = loop._StopSignal(sigterm_to_jax=True)
+    agree = loop._StopAgreement(stop, checkpoint_every=5)
+    assert agree.reason() == "preemption notice (SIGTERM on this or another host)"
+    stop.received = "SIGINT"
+    assert agree.reason() == "SIGINT"
