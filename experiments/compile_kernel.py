@@ -33,31 +33,28 @@ from jaxgen.kernels import reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"(<!-- kernel-compile:begin -->\n)(.*?)(<!-- kernel-compile:end -->)", re.S)
-# libtpu topology names of one small slice per generation (chip config as on the real slices).
-TPU_TOPOLOGIES = {
-    "v3": ("v3:2x2", {}),
-    "v4": ("v4:2x2x1", {"chip_config_name": "megacore", "chips_per_host_bounds": (2, 2, 1)}),
-    "v5e": ("v5e:2x2", {}),
-    "v5p": ("v5:2x2x1", {"chip_config_name": "megacore", "chips_per_host_bounds": (2, 2, 1)}),
-    "v6e": ("v6e:2x2", {}),
+# One small slice per TPU generation, and one H100 host (`jaxgen compile` target names).
+TARGETS = {
+    "v3": "v3-8",
+    "v4": "v4-8",
+    "v5e": "v5e-4",
+    "v5p": "v5p-8",
+    "v6e": "v6e-4",
+    "h100": "h100x8",
 }
+DEFAULT_TARGETS = ("v3", "v4", "v5e", "v5p", "v6e")
 FEATURES = ("plain", "features", "window")
 LENGTHS = (512, 2048, 8192, 32768, 131072)
 
 
 def target_mesh(target: str) -> Mesh:
     """A one-device mesh of compile-only devices of `target` ('v5e', ..., 'h100')."""
-    from jax.experimental import topologies
+    from jaxgen.tools import compile as aot
 
-    if target in TPU_TOPOLOGIES:
-        name, kwargs = TPU_TOPOLOGIES[target]
-        devices = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices
-        return Mesh(devices[:1], ("data",))
-    if target == "h100":
-        from jaxgen.tools import targets
-
-        return Mesh(targets.devices("h100x8")[:1], ("data",))
-    raise SystemExit(f"unknown target {target!r}; valid: {', '.join([*TPU_TOPOLOGIES, 'h100'])}")
+    if target not in TARGETS:
+        raise SystemExit(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
+    devices = aot.target_devices(aot.parse_target(TARGETS[target]))
+    return Mesh(devices[:1], ("data",))
 
 
 def compile_case(
@@ -135,6 +132,8 @@ def summary(rows: list[dict]) -> str:
             f"{max(r['seconds'] for r in mine):.1f} s |"
         )
     failures = [r for r in rows if not r["ok"]]
+    if failures:
+        out.append("")
     for r in failures:
         out.append(
             f"\nFAIL {r['target']} T={r['length']} H={r['head_dim']} {r['dtype']}: {r['error']}"
@@ -142,10 +141,33 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _target_of(line: str) -> str | None:
+    """The target a summary line is about: a table row's first cell or a FAIL line's second word."""
+    if line.startswith("| ") and not line.startswith("| target"):
+        return line.split("|")[1].strip()
+    if line.startswith("FAIL "):
+        return line.split()[1]
+    return None
+
+
+def merge(old: str, new: str) -> str:
+    """The new summary plus the old one's lines for targets not run this time (TPU and GPU need
+    different extras, so they are measured in two runs)."""
+    ran = {_target_of(line) for line in new.splitlines()} - {None}
+    lines = [line for line in new.splitlines() if _target_of(line)]
+    lines += [line for line in old.splitlines() if _target_of(line) not in ran | {None}]
+    order = {name: i for i, name in enumerate(TARGETS)}
+    rank = lambda line: order.get(_target_of(line), len(order))  # noqa: E731
+    rows = sorted((line for line in lines if line.startswith("| ")), key=rank)
+    fails = sorted((line for line in lines if line.startswith("FAIL ")), key=rank)
+    header = new.splitlines()[:2]
+    return "\n".join(header + rows + ([""] + fails if fails else [])) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the matrix; exit status 1 when any case fails to compile."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--targets", default=",".join(TPU_TOPOLOGIES))
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=", ".join(TARGETS))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--head_dims", default="64,128")
     parser.add_argument("--dtypes", default="bfloat16,float32")
@@ -163,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         text = README.read_text()
         if not BLOCK.search(text):
             raise SystemExit("README.md has no <!-- kernel-compile:begin --> ... :end --> block")
-        README.write_text(BLOCK.sub(lambda m: m.group(1) + table + m.group(3), text))
+        README.write_text(
+            BLOCK.sub(lambda m: m.group(1) + merge(m.group(2), table) + m.group(3), text)
+        )
         print(f"updated {README}")
     return 0 if all(r["ok"] for r in rows) else 1
 

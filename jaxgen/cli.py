@@ -95,6 +95,25 @@ def _cmd_configs(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_compile(args: argparse.Namespace, extra: list[str]) -> int:
+    from jaxgen.tools import compile as aot
+
+    overrides = _config_overrides(extra, "compile")
+    aot.use_host_platform()  # before any backend starts: the target's devices are compile-only
+    import json
+
+    from jaxgen import config as config_lib
+
+    run = config_lib.load_config(args.config, overrides)
+    target = aot.parse_target(args.topology or run.meta.hardware, args.num_slices)
+    report = aot.compile_run(run, target)
+    print(json.dumps(report.to_json(), indent=2) if args.json else aot.format_report(report))
+    failure = report.failure()
+    if failure is not None and args.json:
+        print(f"jaxgen compile: {failure}", file=sys.stderr)
+    return 0 if failure is None else 1
+
+
 # `jaxgen sample` flag -> the sampler keyword it sets (flags not given keep the samplers' defaults)
 SAMPLE_SETTINGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                    "seed": "seed", "gibbs_steps": "num_sweeps", "gibbs_order": "order"}  # fmt: skip
@@ -227,6 +246,22 @@ def _add_train(sub: Any) -> None:
     )
     _add_distributed_flags(train)
     train.set_defaults(func=_cmd_train)
+
+
+def _add_compile(sub: Any) -> None:
+    compile_ = sub.add_parser(
+        "compile",
+        help="compile a row's train and eval steps for a TPU slice or GPU host, on this machine",
+        epilog="Targets: v4-1024, v5e-256, v5p-128, v6e-64, v3-64, v5e:2x2, h100x8, h100:2x8, cpu. "
+        "Needs the tpu-compile or gpu-compile extra. Override any config key as for train.",
+    )
+    compile_.add_argument("--config", required=True, help="configs/<family>.py:<row>")
+    compile_.add_argument(
+        "--topology", default=None, help="target name (default: the row's meta.hardware)"
+    )
+    compile_.add_argument("--num_slices", type=int, default=1, help="multi-slice TPU targets")
+    compile_.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    compile_.set_defaults(func=_cmd_compile)
 
 
 def _add_prepare(sub: Any) -> None:
@@ -394,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_prepare, _add_configs, _add_sample, _add_convert, _add_sweep,
-                _add_launch):  # fmt: skip
+                _add_launch, _add_compile):  # fmt: skip
         add(sub)
     return parser
 

@@ -70,40 +70,50 @@ def create_train_state(
     seed: int,
     mesh: Mesh,
 ) -> tuple[TrainState, TrainState]:
-    """Parameters and optimizer state initialised in their shardings: (state, shardings)."""
+    """Parameters and optimizer state initialised in their shardings: (state, shardings).
+
+    On a mesh of compile-only devices the state is ShapeDtypeStructs carrying those shardings.
+    """
     init = init_params_fn(module, objective, data)
     rng = jax.random.key(seed)
     with parallel.mesh_context(mesh):
         boxed = jax.eval_shape(init, rng)
-        param_shardings = parallel.logical_shardings(boxed, mesh)
-        abstract_opt = jax.eval_shape(optimizer.init, parallel.strip_boxes(boxed))
-        opt_shardings = optax.tree_map_params(
-            optimizer,
-            lambda leaf, sharding: NamedSharding(
-                mesh, parallel.fit_spec(sharding.spec, leaf.shape, dict(mesh.shape))
-            ),
-            abstract_opt,
-            param_shardings,
-            transform_non_params=lambda _: parallel.replicated(mesh),
-        )
-        rep = parallel.replicated(mesh)
-        shardings = TrainState(
-            step=rep,
-            params=param_shardings,
-            opt_state=opt_shardings,
-            rng=rep,
-            loss_ema=rep,
-            skipped=rep,
-            nonfinite_step=rep,
-        )
+    # Outside the mesh context: optax.tree_map_params runs optimizer.init eagerly on placeholders,
+    # and under jax.set_mesh eager ops run on the mesh's devices, which may be compile-only.
+    param_shardings = parallel.logical_shardings(boxed, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, parallel.strip_boxes(boxed))
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda leaf, sharding: NamedSharding(
+            mesh, parallel.fit_spec(sharding.spec, leaf.shape, dict(mesh.shape))
+        ),
+        abstract_opt,
+        param_shardings,
+        transform_non_params=lambda _: parallel.replicated(mesh),
+    )
+    rep = parallel.replicated(mesh)
+    shardings = TrainState(
+        step=rep,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=rep,
+        loss_ema=rep,
+        skipped=rep,
+        nonfinite_step=rep,
+    )
 
-        def make(rng: jax.Array) -> TrainState:
-            param_rng, state_rng = jax.random.split(rng)
-            params = parallel.strip_boxes(init(param_rng))
-            return TrainState.create(params, optimizer.init(params), state_rng)
+    def make(rng: jax.Array) -> TrainState:
+        param_rng, state_rng = jax.random.split(rng)
+        params = parallel.strip_boxes(init(param_rng))
+        return TrainState.create(params, optimizer.init(params), state_rng)
 
-        state = jax.jit(make, out_shardings=shardings)(rng)
-    return state, shardings
+    with parallel.mesh_context(mesh):
+        init_state = jax.jit(make, out_shardings=shardings)
+        # Compile-only devices (`jaxgen compile`) run nothing: there the state is its abstract
+        # shapes in their shardings, which is all lowering a step needs.
+        if mesh.devices.flat[0].client.runtime_type == "compile_only_runtime":
+            return jax.eval_shape(init_state, rng), shardings
+        return init_state(rng), shardings
 
 
 def _split_micro(batch: Batch, grad_accum: int) -> Batch:
@@ -301,4 +311,5 @@ def build_eval_step(
         with parallel.mesh_context(mesh):
             return jitted(params, batch)
 
+    eval_step.jitted = jitted  # type: ignore[attr-defined]
     return eval_step
