@@ -67,8 +67,9 @@ def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: per row the target, mesh, compiler bytes, the catalog estimate and the verdict."""
+def table(results: dict[str, dict], rows: list[str]) -> str:
+    """Markdown: per row the target, mesh, compiler bytes, the catalog estimate and the verdict;
+    rows of `rows` without a result yet are listed after the table."""
     lines = [
         "| row | hardware | mesh (data, fsdp, tensor) | compiler peak GiB/device | estimate GiB | "
         "HBM GiB | fits | compile s |",
@@ -88,6 +89,9 @@ def table(results: dict[str, dict]) -> str:
     if failures:
         lines.append("")
         lines += [f"- `{n}`: {err[:300]}" for n, err in failures]
+    missing = [n.removeprefix("configs/") for n in rows if n not in results]
+    if missing:
+        lines += ["", f"Not compiled yet: {', '.join(f'`{n}`' for n in missing)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -110,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         ordered = {n: results[n] for n in published_rows() if n in results}
         RESULTS.write_text(json.dumps(ordered, indent=1) + "\n")
     ordered = {n: results[n] for n in published_rows() if n in results}
-    print(table(ordered))
+    everything = published_rows()
+    print(table(ordered, everything))
     if args.readme:
         text = README.read_text()
         if not BLOCK.search(text):
             raise SystemExit("README.md has no <!-- compile-rows:begin --> ... :end --> block")
-        README.write_text(BLOCK.sub(lambda m: m.group(1) + table(ordered) + m.group(3), text))
+        README.write_text(
+            BLOCK.sub(lambda m: m.group(1) + table(ordered, everything) + m.group(3), text)
+        )
         print(f"updated {README}")
     return 0 if all(results[n].get("fits") for n in rows) else 1
 

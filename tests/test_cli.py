@@ -13,7 +13,7 @@ import pytest
 from jaxgen import cli
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = {"train", "prepare", "configs", "sample", "convert", "sweep", "launch"}
+COMMANDS = {"train", "prepare", "configs", "sample", "convert", "sweep", "launch", "compile"}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -37,8 +37,9 @@ def test_every_command_is_registered():
         ["configs", "list", "--bogus"],
         ["sample", "--workdir", "x", "--bogus"],
         ["sweep", "--config", "c.py", "--workdir", "x", "--sweep", "a=1", "--bogus"],
+        ["compile", "--config", "configs/bert.py:smoke", "--bogus"],
     ],
-    ids=["train", "configs", "sample", "sweep"],
+    ids=["train", "configs", "sample", "sweep", "compile"],
 )
 def test_unknown_arguments_exit_2_naming_them(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
