@@ -14,6 +14,9 @@ Parameter tree (D d_model, N heads, H head_dim, F d_ff, V vocab, L max_len, ever
     layers_{i}/mlp_norm/{scale,bias} [D]
     mlm_dense/kernel [D, D] (embed, mlp), bias [D];  mlm_norm/{scale,bias} [D];  mlm_bias [V]
     pooler/kernel [D, D] (embed, mlp), bias [D];  nsp/kernel [D, 2], bias [2]
+
+With `scan_layers` the layers_{i} subtrees are one `layers` subtree, each leaf stacked `[L, ...]`
+(logical axis `layers` first; see `jaxgen.models.scan`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
     Dense,
@@ -131,10 +135,14 @@ class Bert(nn.Module):
         x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACTS)
 
-        block_cls = nn.remat(BertBlock) if cfg.remat else BertBlock
+        block_cls = scan.remat(BertBlock, cfg)
         kv_segment_ids = attention_mask.astype(jnp.int32)
-        for i in range(cfg.num_layers):
-            x = block_cls(cfg, deterministic, name=f"layers_{i}")(x, kv_segment_ids)
+        if cfg.scan_layers:
+            block = block_cls(cfg, deterministic, name=scan.STACKED)
+            x = scan.scan_stack(block, x, kv_segment_ids, length=cfg.num_layers)
+        else:
+            for i in range(cfg.num_layers):
+                x = block_cls(cfg, deterministic, name=f"layers_{i}")(x, kv_segment_ids)
 
         # MLM head: only the gathered positions go through the transform and the vocab projection.
         h = x

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from jaxgen.config import ConfigError, Section, choice, positive, require
+from jaxgen.models.scan import REMAT_POLICIES
 
 FAMILY_LAYER_NORM_EPS = {"bert": 1e-12, "gpt": 1e-5, "t5": 1e-6}
 
@@ -18,15 +19,19 @@ class ModelConfig(Section):
     """Architecture of one model; keys of another family are errors (see FAMILY_KEYS).
 
     dtype: compute dtype (parameters are always float32). attention: xla, flash or auto (flash on
-    TPU/GPU). remat: recompute each layer in the backward pass. layer_norm_eps None: the family's
-    paper value. max_len: positions of the learned table (BERT, GPT); T5 has relative positions
-    and max_len bounds its encoder input. init_std: normal init of BERT and GPT (T5 uses fan-in).
+    TPU/GPU). remat: recompute each layer in the backward pass, keeping what remat_policy names
+    (`jaxgen.models.scan.REMAT_POLICIES`). scan_layers: each layer stack is one `nn.scan` step with
+    its parameters stacked on a leading `layers` axis (`jaxgen.models.scan`); compile time stops
+    growing with depth. layer_norm_eps None: the family's paper value. max_len: positions of the
+    learned table (BERT, GPT); T5 has relative positions and max_len bounds its encoder input.
+    init_std: normal init of BERT and GPT (T5 uses fan-in).
     """
 
     SECTION: ClassVar[str] = "model"
     COMMON_KEYS: ClassVar[tuple[str, ...]] = (
         "family", "vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff",
-        "max_len", "dropout", "attention_dropout", "dtype", "attention", "remat", "layer_norm_eps",
+        "max_len", "dropout", "attention_dropout", "dtype", "attention", "remat", "remat_policy",
+        "scan_layers", "layer_norm_eps",
     )  # fmt: skip
     FAMILY_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
         "bert": ("init_std", "type_vocab_size"),
@@ -48,6 +53,8 @@ class ModelConfig(Section):
     dtype: str = "float32"
     attention: str = "auto"
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
     layer_norm_eps: float | None = None
     init_std: float = 0.02
     # BERT
@@ -97,6 +104,7 @@ class ModelConfig(Section):
         positive(self, "max_len", "type_vocab_size", "local_window", "num_decoder_layers")
         choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         choice("model.attention", self.attention, ("xla", "flash", "auto"))
+        choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
         choice("model.norm_position", self.norm_position, ("pre", "post"))
         choice("model.sparse_attention", self.sparse_attention, ("none", "alternating"))
         choice("model.feed_forward", self.feed_forward, ("relu", "gated-gelu"))
@@ -118,6 +126,14 @@ class ModelConfig(Section):
         if self.family == "t5":
             return (("num_layers", "inputs", False), ("num_decoder_layers", "targets", True))
         return (("num_layers", "inputs", False),)
+
+    @property
+    def layer_period(self) -> tuple[str, ...]:
+        """Names of the blocks of one scanned step when a stack's layers differ: GPT-3's alternating
+        attention repeats (dense, local); () when every layer is alike (one layer per step)."""
+        if self.family == "gpt" and self.sparse_attention == "alternating":
+            return ("dense", "local")
+        return ()
 
     @property
     def stack_depths(self) -> dict[str, int]:

@@ -20,6 +20,11 @@ Parameter tree (D d_model, N heads, H head_dim, F d_ff, V vocab, L max_len, ever
     layers_{i}/mlp/wi/kernel [D, F], bias [F];  layers_{i}/mlp/wo/kernel [F, D], bias [D]
     final_norm/{scale,bias}     [D]     (pre-LN only)
 
+With `scan_layers` the layers_{i} subtrees are one `layers` subtree, each leaf stacked `[L, ...]`
+(logical axis `layers` first; see `jaxgen.models.scan`), and so is the KV cache; with alternating
+attention the scanned step is a (dense, local) pair: `layers/dense/...` holds the even layers and
+`layers/local/...` the odd ones, each `[L / 2, ...]`.
+
 Decoding: `decode=True` uses the 'cache' collection (see `layers.MultiHeadAttention`); `positions`
 must then be given (the absolute positions of the fed tokens).
 """
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
     Dropout,
@@ -97,6 +103,28 @@ class GptBlock(nn.Module):
         return constrain(x, ACTS)
 
 
+class GptPeriod(nn.Module):
+    """One scanned step of GPT-3's alternating layers: a dense block, then a locally banded one.
+
+    The band is a static attribute of the attention, so the two kinds of layer cannot share one
+    scanned step; their pair can (`ModelConfig.layer_period`).
+    """
+
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """x `[B, T, D]`, segment_ids `[B, T]` or None -> `[B, T, D]`."""
+        cfg = self.config
+        block_cls = scan.remat(GptBlock, cfg, self.decode)
+        for name in cfg.layer_period:
+            local = name == "local"
+            x = block_cls(cfg, local, self.deterministic, self.decode, name=name)(x, segment_ids)
+        return x
+
+
 class Gpt(nn.Module):
     """GPT language model: token ids -> next-token logits."""
 
@@ -144,10 +172,18 @@ class Gpt(nn.Module):
         x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACTS)
 
-        block_cls = nn.remat(GptBlock) if cfg.remat and not decode else GptBlock
-        for i in range(cfg.num_layers):
-            local = cfg.sparse_attention == "alternating" and i % 2 == 1
-            x = block_cls(cfg, local, deterministic, decode, name=f"layers_{i}")(x, segment_ids)
+        block_cls = scan.remat(GptBlock, cfg, decode)
+        if cfg.scan_layers:
+            steps = scan.scan_steps(cfg.num_layers, cfg.layer_period, "num_layers")
+            if cfg.layer_period:
+                step = GptPeriod(cfg, deterministic, decode, name=scan.STACKED)
+            else:
+                step = block_cls(cfg, False, deterministic, decode, name=scan.STACKED)
+            x = scan.scan_stack(step, x, segment_ids, length=steps)
+        else:
+            for i in range(cfg.num_layers):
+                local = cfg.sparse_attention == "alternating" and i % 2 == 1
+                x = block_cls(cfg, local, deterministic, decode, name=f"layers_{i}")(x, segment_ids)
         if cfg.norm_position == "pre":
             x = LayerNorm(cfg.layer_norm_eps, dtype, name="final_norm")(x)
         logits = token_embed.attend(x)  # [B, T, V]

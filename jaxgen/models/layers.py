@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from jaxgen.kernels import dropout as dropout_lib
@@ -259,7 +260,8 @@ class Mlp(nn.Module):
                 dtype=self.dtype,
                 name=name,
             )
-            return dense(x)  # [B, T, F]
+            # Named for the remat policies (models/scan.py PROJECTIONS); a no-op without remat.
+            return checkpoint_name(dense(x), "mlp_wi")  # [B, T, F]
 
         h = act(wi("wi_0")) * wi("wi_1") if self.gated else act(wi("wi"))
         h = constrain(h, ("batch", "length", "mlp"))
@@ -272,7 +274,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             name="wo",
         )(h)
-        return out  # [B, T, D]
+        return checkpoint_name(out, "mlp_wo")  # [B, T, D]
 
 
 class MultiHeadAttention(nn.Module):
@@ -309,7 +311,7 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             name=name,
         )
-        return dense(x)  # [B, len, N, H]
+        return checkpoint_name(dense(x), f"{name}_proj")  # [B, len, N, H]
 
     @nn.compact
     def __call__(
@@ -369,7 +371,7 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             name="out",
         )
-        return dense(out)  # [B, T, D]
+        return checkpoint_name(dense(out), "out_proj")  # [B, T, D]
 
     def _update_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Writes k, v `[B, T, N, H]` at cache_index -> cached k, v `[B, S, N, H]`, its offset.

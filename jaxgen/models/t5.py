@@ -28,6 +28,9 @@ float32):
     decoder/final_norm/scale                   [D]
     lm_head/kernel                             [D, V]  (embed, vocab)  only when not tie_embeddings
 
+With `scan_layers` each stack's layers_{i} subtrees are one `layers` subtree, each leaf stacked
+`[L, ...]` (logical axis `layers` first; see `jaxgen.models.scan`); so is the decoder's KV cache.
+
 Methods: `encode` and `decode` (decode=True keeps the decoder self-attention KV cache in 'cache').
 """
 
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxgen.kernels.attention import RelativePositionBias
+from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
     Dense,
@@ -167,12 +171,17 @@ class T5Stack(nn.Module):
             table, not self.is_decoder, buckets, cfg.relative_attention_max_distance
         )
         num_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
-        block_cls = nn.remat(T5Block) if cfg.remat and not decode else T5Block
+        block_cls = scan.remat(T5Block, cfg, decode)
         x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACTS)
-        for i in range(num_layers):
-            block = block_cls(cfg, self.is_decoder, deterministic, decode, name=f"layers_{i}")
-            x = block(x, mask, relative_bias.table, encoded, encoder_mask)
+        args = (mask, relative_bias.table, encoded, encoder_mask)
+        if cfg.scan_layers:
+            block = block_cls(cfg, self.is_decoder, deterministic, decode, name=scan.STACKED)
+            x = scan.scan_stack(block, x, *args, length=num_layers)
+        else:
+            for i in range(num_layers):
+                block = block_cls(cfg, self.is_decoder, deterministic, decode, name=f"layers_{i}")
+                x = block(x, *args)
         x = RMSNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="final_norm")(x)
         return Dropout(cfg.dropout)(x, deterministic=deterministic)
 
