@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxgen.models import scan
+from jaxgen.models.config import ModelConfig
 from jaxgen.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Reads the checkpoint at `step` into arrays with the shardings of `abstract_state`."""
+        self._check_layer_layout(step, abstract_state)
         try:
             restored = self.manager.restore(
                 step,
@@ -117,6 +120,22 @@ class Checkpointer:
                 "Move that directory away to resume from the previous checkpoint."
             ) from err
         return restored["state"], restored["data"]
+
+    def _check_layer_layout(self, step: int, abstract_state: TrainState) -> None:
+        """Raises CheckpointError when the checkpoint stacks its layers and the model does not, or
+        the other way round (orbax's own error would blame a corrupt directory)."""
+        try:
+            saved = self.manager.item_metadata(step)["state"].tree["params"]
+        except Exception:  # unreadable metadata: restore itself reports what is wrong
+            return
+        mismatch = layer_layout_mismatch(saved, abstract_state.params)
+        if mismatch:
+            raise CheckpointError(
+                f"cannot restore checkpoint {self.directory / str(step)}: {mismatch}. Resume with "
+                "the model.scan_layers it was saved with, or start a new run from its parameters "
+                f"with train.init_from={self.directory.parent} (load_params converts them; the "
+                "optimizer state starts afresh)"
+            )
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk, re-raising any error they hit."""
@@ -138,8 +157,42 @@ def abstract_like(state: TrainState, shardings: TrainState) -> TrainState:
     )
 
 
-def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
-    """Reads the params of a run's latest (or given) checkpoint, unsharded, for sampling/export."""
+def layer_layout_mismatch(saved: Any, target: Any) -> str | None:
+    """Where a parameter tree holds its layers unrolled (`layers_{i}`) and the other stacked
+    (`layers`, `jaxgen.models.scan`), said in words; None when their layouts agree."""
+
+    def walk(a: Any, b: Any, path: str) -> str | None:
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return None
+        where = f"{path}/" if path else ""
+        unrolled, stacked = "layers_0", scan.STACKED
+        if unrolled in a and stacked in b and stacked not in a:
+            return (
+                f"the checkpoint holds the layers unrolled ({where}layers_0, ...) but the model "
+                f"stacks them ({where}{stacked}, model.scan_layers=True)"
+            )
+        if stacked in a and unrolled in b and unrolled not in a:
+            return (
+                f"the checkpoint holds the layers stacked ({where}{stacked}) but the model "
+                f"unrolls them ({where}layers_0, ..., model.scan_layers=False)"
+            )
+        for key in a.keys() & b.keys():
+            found = walk(a[key], b[key], f"{where}{key}")
+            if found:
+                return found
+        return None
+
+    return walk(saved, target, "")
+
+
+def load_params(
+    workdir: str | os.PathLike, step: int | None = None, model: ModelConfig | None = None
+) -> tuple[int, Any]:
+    """Reads the params of a run's latest (or given) checkpoint, unsharded, for sampling/export.
+
+    With `model` the layers come stacked or unrolled as `model.scan_layers` asks, whichever way
+    the checkpoint holds them (`jaxgen.models.scan.stack_layers` / `unstack_layers`).
+    """
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise CheckpointError(
@@ -152,4 +205,9 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[in
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     state = restored["state"]
     params = state["params"] if isinstance(state, dict) else state.params
+    if model is not None:
+        try:
+            params = scan.match_layers(params, model)
+        except scan.LayerLayoutError as err:
+            raise CheckpointError(f"the parameters in {directory / str(step)}: {err}") from err
     return step, params

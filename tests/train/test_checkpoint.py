@@ -1,15 +1,21 @@
 """Checkpointer: the state and the data position round-trip, a half-written checkpoint is ignored,
-a corrupt one is a clear error, and `load_params` reads a run's parameters."""
+a corrupt one is a clear error, a checkpoint whose layers are stacked otherwise than the model's
+(`model.scan_layers`) is named as such, and `load_params` reads a run's parameters, converting
+their layer layout when asked."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.models import ModelConfig, scan
 from jaxgen.train import checkpoint
 from jaxgen.train.state import TrainState
+from tests.models.tiny_models import COMMON
 
 
 def state(seed: int) -> TrainState:
@@ -65,3 +71,51 @@ def test_corrupt_checkpoint_names_its_directory(tmp_path):
 def test_no_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoints in"):
         checkpoint.load_params(tmp_path)
+
+
+def _layered(cfg, scanned: bool) -> TrainState:
+    """A state whose params (and Adam-like moments) hold cfg's layers unrolled or stacked."""
+    params = {f"layers_{i}": {"w": jnp.full((2, 3), float(i))} for i in range(cfg.num_layers)}
+    params["head"] = {"kernel": jnp.ones((3,))}
+    if scanned:
+        params = scan.stack_layers(params, cfg)
+    return TrainState.create(params, {"mu": params}, jax.random.key(0))
+
+
+def test_restoring_across_layer_layouts_names_the_mismatch(tmp_path):
+    cfg = ModelConfig.from_mapping({**COMMON, "family": "gpt", "num_layers": 3})
+    scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False)
+    saver.save(1, _layered(cfg, scanned=False), {}, force=True)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"holds the layers unrolled \(layers_0, ...\) but the model stacks them \(layers, "
+        r"model.scan_layers=True\).*train.init_from=",
+    ):
+        saver.restore(1, abstract(_layered(scanned_cfg, scanned=True)))
+    saver.close()
+
+    # load_params converts explicitly to the layout the model config asks for.
+    _, as_saved = checkpoint.load_params(tmp_path)
+    assert "layers_2" in as_saved and "layers" not in as_saved
+    _, stacked = checkpoint.load_params(tmp_path, model=scanned_cfg)
+    np.testing.assert_array_equal(stacked["layers"]["w"][:, 0, 0], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(stacked["head"]["kernel"], np.ones(3))
+    _, unrolled = checkpoint.load_params(tmp_path, model=cfg)
+    assert sorted(unrolled) == ["head", "layers_0", "layers_1", "layers_2"]
+    deeper = dataclasses.replace(scanned_cfg, num_layers=4)
+    with pytest.raises(checkpoint.CheckpointError, match="layers_3 is missing"):
+        checkpoint.load_params(tmp_path, model=deeper)
+
+
+def test_a_scanned_checkpoint_does_not_resume_unrolled(tmp_path):
+    cfg = ModelConfig.from_mapping({**COMMON, "family": "bert", "scan_layers": True})
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False)
+    saver.save(1, _layered(cfg, scanned=True), {}, force=True)
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    stacked = r"holds the layers stacked \(layers\) but the model unrolls them"
+    with pytest.raises(checkpoint.CheckpointError, match=stacked):
+        saver.restore(1, abstract(_layered(unrolled, scanned=False)))
+    restored, _ = saver.restore(1, abstract(_layered(cfg, scanned=True)))
+    saver.close()
+    np.testing.assert_array_equal(restored.params["layers"]["w"][:, 0, 0], [0.0, 1.0])
