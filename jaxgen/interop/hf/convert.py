@@ -48,14 +48,17 @@ def _t5_tying(tensors: dict[str, np.ndarray], model: dict[str, Any], arch: str) 
             tensors["lm_head.weight"] = shared
 
 
-def load(path: str | os.PathLike) -> tuple[RunConfig, names.Params]:
-    """A local HF model directory -> (run config, params: nested dict of float32 arrays)."""
+def load(path: str | os.PathLike, *, scan_layers: bool = False) -> tuple[RunConfig, names.Params]:
+    """A local HF model directory -> (run config, params: nested dict of float32 arrays).
+
+    scan_layers: the config's model.scan_layers, the params' layers stacked to match.
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         raise InteropError(f"{path} is not a directory (expected a HuggingFace model directory)")
     hf = files.read_json(path / files.CONFIG_FILE)
     arch = architectures.architecture(hf)
-    model = architectures.model_config_from_hf(hf)
+    model = dict(architectures.model_config_from_hf(hf), scan_layers=scan_layers)
     tensors = files.read_weights(path)
     if arch == "T5ForConditionalGeneration":  # the weights say whether the output is tied
         _t5_tying(tensors, model, arch)

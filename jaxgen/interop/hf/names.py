@@ -5,7 +5,10 @@ Conventions bridged here (jaxgen shapes are in the `jaxgen/models/*.py` docstrin
   split out: query/key/value `[N*H, D] -> [D, N, H]`, attention out `[D, N*H] -> [N, H, D]`;
 - GPT-2's `Conv1D.weight` is already `[in, out]`; its fused `c_attn` `[D, 3*N*H]` is q, k, v;
 - tied output projections (BERT decoder, GPT-2 lm_head, T5 v1.0 lm_head) are the token embedding;
-- T5 keeps one relative-position table per stack in HF's block 0; jaxgen has it on the stack.
+- T5 keeps one relative-position table per stack in HF's block 0; jaxgen has it on the stack;
+- HF numbers its layers; a model with `scan_layers` stacks them on a leading axis: the tables map
+  the unrolled layers_{i}, and the scanned layout is stacked after import and unstacked before
+  export (`jaxgen.models.scan`).
 Every transform is a reshape, transpose, split or concatenation: jaxgen -> HF -> jaxgen is exact.
 """
 
@@ -23,6 +26,7 @@ from flax import traverse_util
 
 from jaxgen import models, objectives
 from jaxgen.interop.hf.errors import InteropError, unsupported
+from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
 from jaxgen.train import step as step_lib
 
@@ -296,8 +300,10 @@ def _init_missing(
 def params_from_hf(
     tensors: Mapping[str, np.ndarray], model: Mapping[str, Any], arch: str
 ) -> Params:
-    """Maps HF tensors (by name) onto jaxgen params (nested dict of float32 numpy arrays)."""
-    cfg = ModelConfig.from_mapping(dict(model))
+    """Maps HF tensors (by name) onto jaxgen params (nested dict of float32 numpy arrays), with
+    the layers stacked when `model` has scan_layers."""
+    scanned = ModelConfig.from_mapping(dict(model))
+    cfg = dataclasses.replace(scanned, scan_layers=False)  # the tables name unrolled layers
     shapes = param_shapes(cfg)
     canonical = CANONICAL_NAME[cfg.family]
     tensors = {canonical(name): value for name, value in tensors.items()}
@@ -345,14 +351,25 @@ def params_from_hf(
     unused = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if unused:
         log.warning("ignored checkpoint tensors not used by jaxgen: %s", ", ".join(unused))
-    return traverse_util.unflatten_dict(flat, sep="/")
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    return scan.stack_layers(params, scanned) if scanned.scan_layers else params
 
 
 def params_to_hf(params: Params, model: Mapping[str, Any] | ModelConfig) -> dict[str, np.ndarray]:
-    """jaxgen params -> {HF name: contiguous float32 array} in the export architecture's layout."""
+    """jaxgen params -> {HF name: contiguous float32 array} in the export architecture's layout.
+
+    With `model.scan_layers` the params hold stacked layers; they are unstacked first.
+    """
     cfg = ModelConfig.from_mapping(model)
+    params = nn.meta.unbox(dict(params))
+    if cfg.scan_layers:
+        try:
+            params = scan.unstack_layers(params, cfg)
+        except scan.LayerLayoutError as err:
+            raise InteropError(f"model.scan_layers=True, but {err}") from err
+        cfg = dataclasses.replace(cfg, scan_layers=False)
     shapes = param_shapes(cfg)
-    flat = traverse_util.flatten_dict(nn.meta.unbox(dict(params)), sep="/")
+    flat = traverse_util.flatten_dict(params, sep="/")
     unknown = sorted(set(flat) - set(shapes))
     if unknown:
         raise InteropError(
