@@ -41,10 +41,11 @@ GIB = 2**30
 # chips.
 TPU_HBM_GIB = {"v2": 8, "v3": 16, "v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
 CORES_PER_DEVICE = {"v2": 1, "v3": 1, "v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
-# Model keys that never change a parameter shape: normalised away so shape traces are shared and
-# cheap.
+# Model keys that never change a parameter count or how it shards: normalised away so shape traces
+# are shared and cheap. scan_layers only stacks each layer's leaves on an unsharded `layers` axis,
+# and the depth-1 traces of `extrapolate_over_depth` cannot scan GPT-3's (dense, local) pairs.
 SHAPE_FREE = {"dtype": "float32", "remat": False, "attention": "xla", "dropout": 0.0,
-              "attention_dropout": 0.0}  # fmt: skip
+              "attention_dropout": 0.0, "scan_layers": False}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- names
