@@ -95,6 +95,10 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
             dtype="float32" if cpu else "bfloat16",
             attention="xla" if cpu else "auto",
             remat=False,
+            remat_policy="full",  # what remat keeps: only each layer's input
+            # The TPU rows compile one scanned layer for the whole stack; the CPU rows (2-4
+            # layers) stay unrolled.
+            scan_layers=not cpu,
             layer_norm_eps=1e-12,
             init_std=0.02,
             type_vocab_size=2,

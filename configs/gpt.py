@@ -129,6 +129,8 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; parameters are always float32
             attention="xla",
             remat=False,
+            remat_policy="full",  # what remat keeps: only each layer's input
+            scan_layers=False,  # the CPU rows (2-4 layers) stay unrolled; _paper_scale scans
             layer_norm_eps=1e-5,
             init_std=0.02,
             norm_position="pre",
@@ -187,6 +189,8 @@ def _paper_scale(config: ml_collections.ConfigDict, arg: str) -> None:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
     config.train.grad_accum = grad_accum
     config.model.remat = remat
+    # One scanned layer (GPT-3: one (dense, local) pair) per compile instead of up to 96.
+    config.model.scan_layers = True
     config.model.dtype = "bfloat16"
     config.model.attention = "auto"
     config.train.update(eval_every=10_000, eval_steps=100, log_every=100, checkpoint_every=10_000)

@@ -117,6 +117,12 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; parameters are always float32
             attention="xla",
             remat=False,
+            remat_policy="full",  # what remat keeps: only each layer's input
+            # Unrolled in every row, the TPU ones too: Adafactor clips each update and scales it
+            # by the parameter's RMS one parameter leaf at a time (jaxgen.train.optim, optax), so
+            # stacking a stack's layers into one leaf would take those RMS over all layers and
+            # change the paper's optimizer; scanning needs a per-layer Adafactor first.
+            scan_layers=False,
             layer_norm_eps=1e-6,
             relative_attention_num_buckets=32,
             relative_attention_max_distance=128,

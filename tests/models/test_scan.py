@@ -207,6 +207,21 @@ def test_stacked_params_carry_the_layers_axis_and_shard_like_one_layer(runs, nam
         jax.sharding.NamedSharding(mesh, scanned[path]).shard_shape(shapes[path].shape)
 
 
+def test_scanned_gradients_are_the_same_on_a_mesh(runs):
+    """Sharded stacked params and the activation constraints inside the scan body compile."""
+    run = runs["gpt-alternating"]
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    module = models.build(run["scanned"])
+    with parallel.mesh_context(mesh):
+        boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), **_inputs("gpt")))
+        shardings = parallel.logical_shardings(boxed["params"], mesh)
+        assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
+        loss, grads = _loss(module, "gpt")(jax.device_put(run["stacked"], shardings))
+    want_loss, want_grads = run["got"]
+    np.testing.assert_allclose(loss, want_loss, rtol=F32_ATOL)
+    _assert_grads_close(grads, want_grads)
+
+
 # ------------------------------------------------------------------------------------ remat
 
 POLICIES = list(scan.REMAT_POLICIES)
