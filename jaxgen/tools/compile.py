@@ -37,6 +37,7 @@ import jax
 from jaxgen import parallel
 from jaxgen.config import DataConfig, RunConfig
 from jaxgen.tools import catalog
+from jaxgen.train import loop
 
 log = logging.getLogger("jaxgen")
 
@@ -387,7 +388,7 @@ class CompileReport:
             "platform": target.platform,
             "topology": target.topology,
             "num_slices": target.num_slices,
-            "num_devices": len(self.mesh) and math.prod(self.mesh.values()),
+            "num_devices": math.prod(self.mesh.values()),
             "device_kind": self.device_kind,
             "mesh": self.mesh,
             "hbm_bytes": self.hbm_bytes,
@@ -417,8 +418,6 @@ def step_shapes(run: RunConfig, mesh: jax.sharding.Mesh) -> list[tuple[int, Data
     The trainer compiles each phase's (data, batch size); a batch ramp's smaller batches need less
     memory than the full one, so the largest batch of each data setting is the one to check.
     """
-    from jaxgen.train import loop
-
     phases = loop.plan_phases(run, loop.batch_granule(run, mesh))
     shapes: dict[DataConfig, tuple[int, int]] = {}
     for phase in phases:
@@ -476,8 +475,6 @@ def _compile_step(
 def compile_run(run: RunConfig, target: Target) -> CompileReport:
     """Compiles the run's train step (each data setting's largest batch) and eval step for the
     target; compiler failures are recorded in the steps, not raised."""
-    from jaxgen.train import loop
-
     devices = target_devices(target)
     mesh = parallel.make_mesh(run.mesh, devices)
     sizes = dict(zip(parallel.MESH_AXES, mesh.devices.shape, strict=True))
@@ -544,8 +541,10 @@ def format_report(report: CompileReport) -> str:
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                 strict=True))]  # fmt: skip
+        cells = [
+            cell.ljust(width) if i < 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
     lines.append("")
     failure = report.failure()
