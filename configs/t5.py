@@ -118,10 +118,9 @@ def _base(arg: str) -> ml_collections.ConfigDict:
             attention="xla",
             remat=False,
             remat_policy="full",  # what remat keeps: only each layer's input
-            # Unrolled in every row, the TPU ones too: Adafactor clips each update and scales it
-            # by the parameter's RMS one parameter leaf at a time (jaxgen.train.optim, optax), so
-            # stacking a stack's layers into one leaf would take those RMS over all layers and
-            # change the paper's optimizer; scanning needs a per-layer Adafactor first.
+            # The CPU rows (2-4 layers per stack) stay unrolled; the TPU rows scan each stack.
+            # Adafactor then runs per layer on the stacked leaves (jaxgen.train.optim.per_layer),
+            # so scanning keeps the paper's per-matrix update clipping and parameter scale.
             scan_layers=False,
             layer_norm_eps=1e-6,
             relative_attention_num_buckets=32,
@@ -206,6 +205,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     )
     model.update(dropout=0.0, attention_dropout=0.0, dtype="bfloat16", attention="auto")
     model.update(feed_forward="gated-gelu" if v11 else "relu", tie_embeddings=not v11)
+    model.scan_layers = True
     config.data.seq_len = 512
     # Adafactor with factored second moments, no momentum, decay rate 0.8, epsilon 1e-30 and update
     # clipping 1.0 instead of gradient clipping; lr 0.01 / sqrt(max(step, 10^4)) * sqrt(10^4) =

@@ -210,7 +210,8 @@ def restore_or_init(
         return state, latest, data_state
     init_from = trainer.run.train.init_from
     if init_from:
-        _, params = checkpoint_lib.load_params(init_from)
+        # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
+        _, params = checkpoint_lib.load_params(init_from, model=trainer.run.model)
         state = state.replace(params=jax.device_put(params, trainer.shardings.params))
         log.info("initialised parameters from %s", init_from)
     return state, 0, {}

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen.config import AdafactorConfig, AdamWConfig, OptimConfig
+from jaxgen.models import scan
 
 # Parameter leaf names that are never weight-decayed: biases and LayerNorm/RMSNorm gains (BERT,
 # GPT-1).
@@ -55,8 +56,39 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def stacked_labels(params: Any) -> Any:
+    """ "stacked" for the leaves of scanned layer stacks (`[L, ...]`, under a `layers` key), else
+    "other"."""
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        keys = {str(getattr(entry, "key", entry)) for entry in path}
+        return "stacked" if scan.STACKED in keys else "other"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to each layer of every stacked leaf on its own, as on the unrolled model."""
+
+    # A model without stacked leaves hands this branch an empty tree, which vmap cannot map.
+    def init(params: Any) -> Any:
+        return jax.vmap(inner.init)(params) if jax.tree.leaves(params) else inner.init(params)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if not jax.tree.leaves(updates):
+            return inner.update(updates, state, params)
+        return jax.vmap(inner.update)(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-    """AdamW (decoupled, masked decay) or Adafactor, after global-norm clipping if clip_norm > 0."""
+    """AdamW (decoupled, masked decay) or Adafactor, after global-norm clipping if clip_norm > 0.
+
+    Adafactor is not elementwise: its factored second moments, update clipping and parameter
+    scale are statistics of a whole leaf. On a scanned model's stacked `[L, ...]` leaves it runs
+    per layer, so scanning changes no update (AdamW's are elementwise already).
+    """
     schedule = make_schedule(optim, num_steps)
     if isinstance(optim, AdamWConfig):
         core = optax.adamw(
@@ -79,6 +111,7 @@ def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransfor
             eps=optim.epsilon,
             factored=optim.factored,
         )
+        core = optax.multi_transform({"stacked": per_layer(core), "other": core}, stacked_labels)
     else:
         raise TypeError(f"no optimizer for {type(optim).__name__}")
     if optim.clip_norm > 0:

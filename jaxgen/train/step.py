@@ -82,14 +82,20 @@ def create_train_state(
     # and under jax.set_mesh eager ops run on the mesh's devices, which may be compile-only.
     param_shardings = parallel.logical_shardings(boxed, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, parallel.strip_boxes(boxed))
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)  # another branch's leaves
+
+    def shard_like_param(leaf: Any, sharding: NamedSharding) -> Any:
+        if masked(leaf):
+            return leaf
+        return NamedSharding(mesh, parallel.fit_spec(sharding.spec, leaf.shape, dict(mesh.shape)))
+
     opt_shardings = optax.tree_map_params(
         optimizer,
-        lambda leaf, sharding: NamedSharding(
-            mesh, parallel.fit_spec(sharding.spec, leaf.shape, dict(mesh.shape))
-        ),
+        shard_like_param,
         abstract_opt,
         param_shardings,
         transform_non_params=lambda _: parallel.replicated(mesh),
+        is_leaf=masked,
     )
     rep = parallel.replicated(mesh)
     shardings = TrainState(

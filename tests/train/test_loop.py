@@ -352,3 +352,14 @@ def test_batch_ramp_grows_the_batch_and_resumes_exactly_mid_ramp(tmp_path, cache
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_init_from_an_unrolled_run_into_a_scanned_model(bert_run, tmp_path, cache_dir):
+    """train.init_from converts the layer layout: the scanned model starts from the unrolled
+    run's final parameters (its step-0 eval equals the finished run's last eval)."""
+    config = tiny_config(
+        "bert", cache_dir, f"train.init_from={bert_run}", "model.scan_layers=true",
+        "train.num_steps=1",
+    )  # fmt: skip
+    loop.train(config, tmp_path)
+    assert losses(tmp_path, "eval")[0] == pytest.approx(losses(bert_run, "eval")[6], rel=1e-5)

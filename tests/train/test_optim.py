@@ -120,3 +120,29 @@ def test_adamw_reads_its_settings():
     for settings in (dict(b1=0.5), dict(b2=0.5), dict(eps=1.0), dict(weight_decay=0.5),
                      dict(clip_norm=1e-3)):  # fmt: skip
         assert not np.allclose(update(**settings), base), settings
+
+
+def test_adafactor_updates_each_stacked_layer_as_its_own_leaf():
+    """A scanned model's `[L, ...]` leaves get the updates the unrolled layers get: factored
+    moments, update clipping and parameter scale per layer, not over the stack."""
+    config = AdafactorConfig(learning_rate=1e-2, schedule="constant", clip_norm=1.0)
+    optimizer = optim.make_optimizer(config, 10)
+    # Layers of different scales, so statistics over the whole stack would differ from each's.
+    layers = [PARAMS["w"] * (i + 1) for i in range(3)]
+    grads = [jnp.cos(3.0 * w) * (0.5 + i) for i, w in enumerate(layers)]
+    unrolled = {f"layers_{i}": {"w": w} for i, w in enumerate(layers)} | {"b": PARAMS["b"]}
+    unrolled_grads = {f"layers_{i}": {"w": g} for i, g in enumerate(grads)} | {"b": GRADS["b"]}
+    stacked = {"layers": {"w": jnp.stack(layers)}, "b": PARAMS["b"]}
+    stacked_grads = {"layers": {"w": jnp.stack(grads)}, "b": GRADS["b"]}
+    state, stacked_state = optimizer.init(unrolled), optimizer.init(stacked)
+    for _ in range(3):
+        want, state = optimizer.update(unrolled_grads, state, unrolled)
+        got, stacked_state = optimizer.update(stacked_grads, stacked_state, stacked)
+        unrolled = jax.tree.map(jnp.add, unrolled, want)
+        stacked = jax.tree.map(jnp.add, stacked, got)
+    for i in range(3):
+        np.testing.assert_allclose(stacked["layers"]["w"][i], unrolled[f"layers_{i}"]["w"],
+                                   rtol=1e-6, atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(stacked["b"], unrolled["b"], rtol=1e-6)
+    # The row and column factors are per layer: [3, 256] and [3, 128], not one [256, 128] pair.
+    assert (3, 256) in leaves_shapes(stacked_state) and (3, 128) in leaves_shapes(stacked_state)
