@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxgen import host
@@ -93,6 +95,27 @@ def _cmd_configs(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit("jaxgen configs show NAME (e.g. bert.py:base); see `jaxgen configs list`")
     print(catalog.show_config(args.name))
     return 0
+
+
+def _cmd_checkpoints(args: argparse.Namespace, extra: list[str]) -> int:
+    from jaxgen import config as config_lib
+    from jaxgen.train import checkpoint, loop
+
+    _no_extra(extra, "checkpoints")
+    workdir = Path(args.workdir)
+    saved = workdir / "config.json"
+    expected = loop.config_hash(config_lib.load_saved_config(saved)) if saved.is_file() else None
+    checks = checkpoint.verify(workdir, expected)
+    if not checks:
+        raise checkpoint.CheckpointError(f"no complete checkpoint in {workdir}")
+    width = max(len(c.directory) for c in checks)
+    print(f"{'directory':<{width}}  {'step':>8}  {'status':<9}  detail")
+    for c in checks:
+        print(f"{c.directory:<{width}}  {c.step:>8}  {c.status:<9}  {c.detail}")
+    bad = [c for c in checks if c.status != "good"]
+    if bad:
+        print(f"{len(bad)} of {len(checks)} checkpoints cannot be resumed from", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _cmd_compile(args: argparse.Namespace, extra: list[str]) -> int:
@@ -246,6 +269,18 @@ def _add_train(sub: Any) -> None:
     )
     _add_distributed_flags(train)
     train.set_defaults(func=_cmd_train)
+
+
+def _add_checkpoints(sub: Any) -> None:
+    checkpoints = sub.add_parser(
+        "checkpoints",
+        help="verify a workdir's checkpoints without training",
+        epilog="Reads every array of each checkpoint (one at a time, in host memory); exits 1 "
+        "when any is damaged or belongs to another run.",
+    )
+    checkpoints.add_argument("action", choices=["verify"])
+    checkpoints.add_argument("--workdir", required=True, help="a run directory")
+    checkpoints.set_defaults(func=_cmd_checkpoints)
 
 
 def _add_compile(sub: Any) -> None:
@@ -429,9 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_prepare, _add_configs, _add_sample, _add_convert, _add_sweep,
-                _add_launch, _add_compile):  # fmt: skip
+                _add_launch, _add_compile, _add_checkpoints):  # fmt: skip
         add(sub)
     return parser
+
+
+def _exit_now(code: int) -> None:
+    """Ends the process after a handled error without running interpreter shutdown: threads of
+    an abandoned checkpoint read (tensorstore) would print tracebacks into the error's output."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -456,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise
             print(f"jaxgen: {type(err).__name__}: {err}", file=sys.stderr)
             code = 2 if type(err).__name__ in ("ConfigError", "UsageError") else 1
+            if argv is None:
+                _exit_now(code)
         else:
             raise
     except KeyboardInterrupt:

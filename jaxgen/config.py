@@ -318,6 +318,8 @@ class TrainConfig(Section):
     the global batch grows from batch_ramp_start_tokens to batch_size x seq_len over the first
     batch_ramp_tokens tokens in batch_ramp_stages equal steps (0 tokens = no ramp).
     z_loss: coefficient of log(Z)^2. init_from: a workdir whose parameters start the run.
+    resume_damaged: when the newest checkpoint cannot be read, move it to checkpoints_damaged/
+    and resume from the newest one that can (False: stop with the error).
     """
 
     SECTION: ClassVar[str] = "train"
@@ -339,6 +341,7 @@ class TrainConfig(Section):
     skip_nonfinite_or_spike: bool = False
     z_loss: float = 0.0
     init_from: str = ""
+    resume_damaged: bool = True
 
     def check(self) -> None:
         """Positive counts, divisible batches, phases that cover the steps once."""

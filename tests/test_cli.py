@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from jaxgen import cli
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = {"train", "prepare", "configs", "sample", "convert", "sweep", "launch", "compile"}
+COMMANDS = {"train", "prepare", "configs", "sample", "convert", "sweep", "launch", "compile",
+            "checkpoints"}  # fmt: skip
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -46,6 +48,29 @@ def test_unknown_arguments_exit_2_naming_them(argv, capsys, tmp_path, monkeypatc
     code, _, err = run(capsys, *argv)
     assert code == 2 and "unrecognized arguments: --bogus" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_checkpoints_verify_lists_each_step_and_fails_on_a_damaged_one(capsys, tmp_path):
+    import jax.numpy as jnp
+
+    from jaxgen.train import checkpoint
+    from jaxgen.train.state import TrainState
+
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False)
+    for step in (2, 4):
+        params = {"w": jnp.full((64, 64), float(step))}
+        saver.save(step, TrainState.create(params, {}, jax.random.key(0)), {}, force=True)
+    saver.close()
+    code, out, _ = run(capsys, "checkpoints", "verify", "--workdir", str(tmp_path))
+    assert code == 0 and out.count(" good ") == 2, out
+    for path in (tmp_path / "checkpoints" / "4" / "state").glob("**/d/*"):
+        path.write_bytes(path.read_bytes()[:10])  # truncated
+    code, out, err = run(capsys, "checkpoints", "verify", "--workdir", str(tmp_path))
+    lines = out.splitlines()
+    assert code == 1 and "1 of 2 checkpoints cannot be resumed from" in err
+    assert " 2  good " in lines[1] and " 4  damaged " in lines[2], out
+    code, _, err = run(capsys, "checkpoints", "verify", "--workdir", str(tmp_path / "none"))
+    assert code == 1 and "no complete checkpoint in" in err
 
 
 def test_configs_list_json(capsys):

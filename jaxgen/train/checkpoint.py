@@ -1,19 +1,34 @@
-"""Checkpoints: an orbax CheckpointManager holding the train state and the data iterator state.
+"""Checkpoints: an orbax CheckpointManager holding the train state, the data iterator state and
+what the checkpoint belongs to.
+
+    checkpoints/<step>/state/   the TrainState (orbax, OCDBT)
+                      /data/    the data iterator's position (JSON)
+                      /meta/    step, config name and hash, data manifest hash (JSON)
 
 orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous checkpoint as the latest; `cleanup_tmp_directories` removes the
 partial one on the next start. Errors raised inside an asynchronous save surface at the next
-`save`, `wait` or `close`.
+`save`, `wait` or `close`. A complete checkpoint that later cannot be read (a damaged disk, a
+flipped byte) raises `CheckpointDamaged`; `set_aside` moves it to `checkpoints_damaged/` so that
+a run can resume from the one before. One from another run or data set raises
+`CheckpointMismatch` and is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import logging
 import os
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxgen.models import scan
@@ -27,10 +42,100 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the directory."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A complete checkpoint whose files cannot be read back (corrupt, truncated or missing)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint saved by another run or from another data set."""
+
+
+DAMAGED = "checkpoints_damaged"  # where `set_aside` moves unreadable checkpoints, per workdir
+# The identity keys a restore compares (the rest of `meta` is for people reading it).
+IDENTITY = ("config_hash", "data_manifest_hash")
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Registered up front: a manager that only knows item names logs a warning per item whenever
+    # it reads metadata.
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
 def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        directory.absolute(), options=options, item_names=("state", "data")
-    )
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=_handlers())
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause's message: orbax wraps tensorstore's error (which
+    names the file and what is wrong with it) in one that appends a long spec."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    for tail in (" See full TensorStore details", " [tensorstore_spec="):
+        line = line.split(tail)[0]
+    return f"{type(err).__name__}: {line}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+    """Drops the "Exception ignored in <coroutine>" reports a failed restore leaves behind.
+
+    orbax reads every array in its own coroutine; when one read fails, the others are abandoned
+    and Python reports each of them when it is collected: tens of tracebacks after the one error
+    that matters. They are collected here, with the reports dropped, before the error goes on.
+    """
+    _drop_closed_loop_reports()
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_coroutine_leftover(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+        _drop_closed_loop_reports()
+
+
+def _is_coroutine_leftover(unraisable: Any) -> bool:
+    return type(unraisable.object).__name__ in ("coroutine", "Task", "Future")
+
+
+def _is_closed_loop_error(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _drop_closed_loop_reports() -> None:
+    """From now on, drops the reports of reads that finish after their restore failed.
+
+    tensorstore's threads complete the abandoned reads later and try to wake the event loop orbax
+    has closed: "RuntimeError: Event loop is closed" printed once per read (through
+    sys.excepthook or sys.unraisablehook), at any later moment, and asyncio logs each abandoned
+    task's own error. The restore error itself already says what is wrong.
+    """
+    if getattr(sys.excepthook, "jaxgen_drops_closed_loop_reports", False):
+        return
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def on_exception(kind: type, value: BaseException, tb: Any) -> None:
+        if not _is_closed_loop_error(value):
+            excepthook(kind, value, tb)
+
+    def on_unraisable(unraisable: Any) -> None:
+        if not _is_closed_loop_error(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    on_exception.jaxgen_drops_closed_loop_reports = True  # type: ignore[attr-defined]
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 class Checkpointer:
@@ -47,7 +152,10 @@ class Checkpointer:
         max_to_keep: int = 3,
         keep_best: bool = False,
         use_async: bool = True,
+        identity: Mapping[str, str] | None = None,
     ) -> None:
+        """identity: what this run's checkpoints record and a restore requires (`run_identity`)."""
+        self.identity = dict(identity or {})
         self.directory = Path(workdir) / "checkpoints"
         self.manager = _manager(
             self.directory,
@@ -76,6 +184,10 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def save(
         self, step: int, state: TrainState, data_state: dict[str, Any], *, force: bool = False
     ) -> bool:
@@ -86,7 +198,9 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave({"step": int(step), **self.identity}),
             ),
             force=force,
         )
@@ -104,22 +218,79 @@ class Checkpointer:
             )
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """Reads the checkpoint at `step` into arrays with the shardings of `abstract_state`."""
+        """Reads the checkpoint at `step` into arrays with the shardings of `abstract_state`.
+
+        Raises CheckpointMismatch for another run's checkpoint, CheckpointDamaged when its files
+        cannot be read.
+        """
+        where = self.directory / str(step)
+        self.check_identity(step)
         self._check_layer_layout(step, abstract_state)
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-                ),
-            )
+            with _quiet_failed_reads():
+                try:
+                    restored = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            data=ocp.args.JsonRestore(),
+                        ),
+                    )
+                except Exception as err:
+                    traceback.clear_frames(err.__traceback__)  # releases the abandoned reads
+                    raise
         except Exception as err:  # orbax raises many types; the user needs the path and the cause
-            raise CheckpointError(
-                f"cannot restore checkpoint {self.directory / str(step)}: "
-                f"{type(err).__name__}: {err}. "
-                "Move that directory away to resume from the previous checkpoint."
+            raise CheckpointDamaged(
+                f"cannot restore checkpoint {where}: {_first_line(err)}"
             ) from err
         return restored["state"], restored["data"]
+
+    def meta(self, step: int) -> dict[str, Any] | None:
+        """What the checkpoint at `step` records about its run; None for one saved before jaxgen
+        recorded it."""
+        path = self.directory / str(step) / "meta"
+        if not path.is_dir():
+            return None
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        except Exception as err:
+            raise CheckpointDamaged(f"cannot read {path}: {_first_line(err)}") from err
+
+    def check_identity(self, step: int) -> None:
+        """Raises CheckpointMismatch when the checkpoint at `step` belongs to another run or data
+        set than this Checkpointer's `identity`."""
+        saved = self.meta(step)
+        if saved is None or not self.identity:
+            return
+        differ = [k for k in IDENTITY if k in saved and saved[k] != self.identity.get(k)]
+        if differ:
+            describe = lambda m: ", ".join(f"{k}={m.get(k)}" for k in ("config", *IDENTITY))  # noqa: E731
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory / str(step)} belongs to another run "
+                f"({', '.join(differ)} differ): it was saved by {describe(saved)}; this run is "
+                f"{describe(self.identity)}. Use a new --workdir, or the config and data it was "
+                "saved with"
+            )
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the checkpoint at `step` to `<workdir>/checkpoints_damaged/<step>` (never deletes
+        it) and forgets it; returns where it went."""
+        target_dir = self.directory.parent / DAMAGED
+        target = target_dir / str(step)
+        n = 1
+        while target.exists():
+            target, n = target_dir / f"{step}.{n}", n + 1
+        if jax.process_index() == 0:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxgen set aside checkpoint {step}")
+        self.manager.reload()
+        return target
 
     def _check_layer_layout(self, step: int, abstract_state: TrainState) -> None:
         """Raises CheckpointError when the checkpoint stacks its layers and the model does not, or
@@ -198,7 +369,7 @@ def load_params(
         raise CheckpointError(
             f"no checkpoints in {workdir}: train first (jaxgen train --workdir {workdir})"
         )
-    with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
+    with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {directory}")
@@ -211,3 +382,78 @@ def load_params(
         except scan.LayerLayoutError as err:
             raise CheckpointError(f"the parameters in {directory / str(step)}: {err}") from err
     return step, params
+
+
+# ------------------------------------------------------------------------------------ verifying
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCheck:
+    """One checkpoint's verdict: `good`, `damaged` or `other run`, and why."""
+
+    directory: str
+    step: int
+    status: str
+    detail: str
+
+
+def verify(workdir: str | os.PathLike, config_hash: str | None = None) -> list[StepCheck]:
+    """Reads every array and record of each checkpoint of a workdir (the latest ones and the best
+    one), one checkpoint in host memory at a time, and says which can be restored.
+
+    config_hash: the run's (`loop.run_identity`); a checkpoint recording another is `other run`.
+    """
+    checks = []
+    for name in ("checkpoints", "checkpoints_best"):
+        directory = (Path(workdir) / name).absolute()
+        if not directory.is_dir():
+            continue
+        with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
+            for step in sorted(manager.all_steps()):
+                checks.append(_verify_step(manager, directory, step, config_hash))
+    return checks
+
+
+def _verify_step(
+    manager: ocp.CheckpointManager, directory: Path, step: int, config_hash: str | None
+) -> StepCheck:
+    where = directory / str(step)
+    check = lambda status, detail: StepCheck(str(directory), step, status, detail)  # noqa: E731
+    try:
+        with _quiet_failed_reads():
+            meta = {}
+            if (where / "meta").is_dir():
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                meta = meta["meta"]
+            if config_hash and meta.get("config_hash", config_hash) != config_hash:
+                return check(
+                    "other run",
+                    f"saved by config_hash={meta['config_hash']} ({meta.get('config')}); "
+                    f"this workdir's config.json is config_hash={config_hash}",
+                )
+            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            tree = manager.item_metadata(step)["state"].tree
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree
+            )
+            args = {"state": ocp.args.StandardRestore(abstract)}
+            if (where / "data").is_dir():
+                args["data"] = ocp.args.JsonRestore()
+            try:
+                items = manager.restore(step, args=ocp.args.Composite(**args))
+            except Exception as err:
+                traceback.clear_frames(err.__traceback__)
+                raise
+    except Exception as err:
+        return check("damaged", _first_line(err))
+    leaves = jax.tree.leaves(items["state"])
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(items["state"])
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf)))
+    ]
+    if bad:
+        return check("damaged", f"non-finite values in {', '.join(bad[:3])}")
+    size = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+    recorded = f", config {meta['config']} ({meta['config_hash']})" if "config" in meta else ""
+    return check("good", f"{len(leaves)} arrays, {size / 2**20:.1f} MiB{recorded}")

@@ -8,6 +8,8 @@ it needs as arguments; nothing is rebound in a closure.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -29,11 +31,12 @@ from tqdm import tqdm
 from jaxgen import config as config_lib
 from jaxgen import models, objectives, parallel
 from jaxgen.config import DataConfig, RunConfig
+from jaxgen.data import records
 from jaxgen.data.pipeline import DataIterator
 from jaxgen.data.source import DataSource
 from jaxgen.objectives import Objective
 from jaxgen.train import checkpoint as checkpoint_lib
-from jaxgen.train import optim
+from jaxgen.train import faults, optim
 from jaxgen.train import step as step_lib
 from jaxgen.train.metrics import MetricsWriter
 from jaxgen.train.state import TrainState
@@ -196,18 +199,68 @@ def build_trainer(run: RunConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
     return trainer, state
 
 
+def config_hash(run: RunConfig) -> str:
+    """A short hash of the settings a resumed run may not change: the model and data sections."""
+    data = {k: v for k, v in run.data.to_dict().items() if k != "cache_dir"}  # where, not what
+    settings = json.dumps({"model": run.model.to_dict(), "data": data}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def run_identity(run: RunConfig, source: DataSource) -> dict[str, str]:
+    """What each checkpoint of this run records and a restore requires: the config's hash and
+    the prepared data's manifest hash (the config's name is for people reading it)."""
+    return {
+        "config": run.meta.name,
+        "config_hash": config_hash(run),
+        "data_manifest_hash": records.manifest_hash(source.manifest()),
+    }
+
+
+def _agree_damaged(damaged: bool) -> bool:
+    """Whether any process found the checkpoint damaged (each reads its own shards)."""
+    if jax.process_count() == 1:
+        return damaged
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(damaged))))
+
+
 def restore_or_init(
     trainer: Trainer, state: TrainState, ckpt: checkpoint_lib.Checkpointer
 ) -> tuple[TrainState, int, dict[str, Any]]:
-    """(state, first step, saved data state): the latest checkpoint, else `train.init_from`'s
-    parameters, else the fresh state."""
-    latest = ckpt.latest_step()
-    # `is not None`: a converted checkpoint (jaxgen convert --from hf) is a real one at step 0.
-    if latest is not None:
-        abstract = checkpoint_lib.abstract_like(state, trainer.shardings)
-        state, data_state = ckpt.restore(latest, abstract)
-        log.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
-        return state, latest, data_state
+    """(state, first step, saved data state): the newest readable checkpoint, else
+    `train.init_from`'s parameters, else the fresh state.
+
+    A checkpoint that cannot be read is moved to `checkpoints_damaged/` with a warning and the one
+    before is tried (unless train.resume_damaged is False); its data position comes with it, so
+    the resumed run repeats exactly the steps after that checkpoint.
+    """
+    abstract = checkpoint_lib.abstract_like(state, trainer.shardings)
+    for step in ckpt.steps():
+        error: checkpoint_lib.CheckpointDamaged | None = None
+        try:
+            restored, data_state = ckpt.restore(step, abstract)
+        except checkpoint_lib.CheckpointDamaged as err:
+            error = err
+        if not _agree_damaged(error is not None):
+            log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
+            return restored, step, data_state
+        if not trainer.run.train.resume_damaged:
+            cause = error or f"another process cannot restore {ckpt.directory / str(step)}"
+            raise checkpoint_lib.CheckpointDamaged(
+                f"{cause}. train.resume_damaged=false: move that directory away (or set it to "
+                "true) to resume from the checkpoint before"
+            )
+        moved = ckpt.set_aside(step)
+        older = [s for s in ckpt.steps() if s < step]
+        log.warning(
+            "skipping checkpoint step %d (%s): moved it to %s; resuming from %s "
+            "(train.resume_damaged=false stops instead)",
+            step,
+            error or "unreadable on another process",
+            moved,
+            f"step {older[0]}" if older else "the start",
+        )
     init_from = trainer.run.train.init_from
     if init_from:
         # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
@@ -264,6 +317,7 @@ def save(
     """Saves the state and the data position at `step`, never a state with a NaN loss."""
     check_finite(state, step, run, ckpt)
     ckpt.save(step, state, {"phase": phase.index, "iterator": iterator.get_state()}, force=True)
+    faults.at("save", step)  # the asynchronous write is under way
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -398,7 +452,9 @@ def eval_row(
     ckpt: checkpoint_lib.Checkpointer,
 ) -> dict[str, Any]:
     """Evaluates the state, writes the eval row, keeps the best checkpoint; returns the row."""
-    metrics = evaluate(trainer, state.params, eval_sets.batches(data))
+    batches = eval_sets.batches(data)
+    faults.at("eval", step)  # the eval set read, no eval row written
+    metrics = evaluate(trainer, state.params, batches)
     ckpt.save_best(step, state, metrics["loss"])
     return writer.write(step, "eval", metrics)
 
@@ -440,13 +496,15 @@ def run_steps(
                 if step >= phase.end:
                     phase = phases[phase.index + 1]
                     iterator = _train_iterator(source, phase, {})
-                local = next(iterator)
+                faults.at("data", step + 1)
+                local = faults.poison(next(iterator), step + 1)
                 tokens += trainer.objective.count_tokens(local) * jax.process_count()
                 state, metrics = trainer.train_step(
                     state, parallel.global_batch(local, trainer.mesh)
                 )
                 pending.append(metrics)
                 done = step + 1
+                faults.at("step", done)
                 last = done == train.num_steps
                 if done % train.log_every == 0 or last:
                     check_finite(state, done, run, ckpt)
@@ -511,7 +569,10 @@ def train(run: RunConfig, workdir: str | Path) -> list[dict[str, Any]]:
     trainer, state = build_trainer(run, mesh)
     # Made after the config has been checked: its directory marks the workdir as holding a run.
     ckpt = checkpoint_lib.Checkpointer(
-        workdir, max_to_keep=run.train.max_to_keep, keep_best=run.train.keep_best
+        workdir,
+        max_to_keep=run.train.max_to_keep,
+        keep_best=run.train.keep_best,
+        identity=run_identity(run, source),
     )
     try:
         _report_resume_step(ckpt.latest_step() or 0)

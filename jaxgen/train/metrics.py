@@ -27,7 +27,7 @@ class MetricsWriter:
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
+                if (row := _parse_row(line)) is not None and row["step"] <= resume_step
             ]
             if resume_step == 0:
                 kept = []
@@ -58,4 +58,13 @@ class MetricsWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """All rows of a run's metrics.jsonl."""
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = (_parse_row(line) for line in path.read_text().splitlines())
+    return [row for row in rows if row is not None]
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """A metrics row, or None for a blank line or the partial last line of a killed process."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None

@@ -57,15 +57,86 @@ def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path):
     assert not partial.exists() and checkpoint.load_params(tmp_path)[0] == 2
 
 
-def test_corrupt_checkpoint_names_its_directory(tmp_path):
+def _flip_array_bytes(step_dir) -> None:
+    """Flips bytes in the array data of a checkpoint (what a failing disk does), not its index."""
+    for path in (step_dir / "state").glob("**/d/*"):
+        data = bytearray(path.read_bytes())
+        for i in range(0, len(data), 7):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def test_corrupt_checkpoint_is_damaged_and_named_in_one_line(tmp_path, capsys):
     saver = checkpoint.Checkpointer(tmp_path, use_async=False)
     saver.save(1, state(1), {}, force=True)
-    for path in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match=r"cannot restore checkpoint .*/1: "):
+    saver.close()
+    _flip_array_bytes(tmp_path / "checkpoints" / "1")
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False)  # nothing cached from the save
+    with pytest.raises(
+        checkpoint.CheckpointDamaged, match=r"cannot restore checkpoint .*/1: "
+    ) as err:
         saver.restore(1, abstract(state(0)))
     saver.close()
+    # The innermost cause names the array and what is wrong, without tensorstore's spec dump.
+    message = str(err.value)
+    assert "\n" not in message and "TensorStore details" not in message, message
+    assert "Error reading" in message and "/state/d/" in message, message
+    # No reports of the abandoned reads of the other arrays.
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_set_aside_not_deleted(tmp_path):
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False)
+    for step in (1, 2):
+        saver.save(step, state(step), {"at": step}, force=True)
+    moved = saver.set_aside(2)
+    assert moved == tmp_path / checkpoint.DAMAGED / "2" and (moved / "state").is_dir()
+    assert saver.steps() == [1] and saver.latest_step() == 1
+    restored, data = saver.restore(1, abstract(state(0)))
+    assert data == {"at": 1} and float(restored.params["dense"]["kernel"][0, 0]) == 1.0
+    # A second damaged step 2 (saved again, damaged again) does not overwrite the first.
+    saver.save(2, state(2), {}, force=True)
+    assert saver.set_aside(2) == tmp_path / checkpoint.DAMAGED / "2.1"
+    saver.close()
+
+
+IDENTITY = {"config": "configs/bert.py:smoke", "config_hash": "aaa", "data_manifest_hash": "ddd"}
+
+
+def test_a_checkpoint_of_another_run_or_data_set_is_refused_naming_both(tmp_path):
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False, identity=IDENTITY)
+    saver.save(1, state(1), {}, force=True)
+    saver.close()
+    assert checkpoint.Checkpointer(tmp_path, identity=IDENTITY).meta(1) == {"step": 1, **IDENTITY}
+    other = {**IDENTITY, "data_manifest_hash": "eee"}
+    again = checkpoint.Checkpointer(tmp_path, use_async=False, identity=other)
+    with pytest.raises(
+        checkpoint.CheckpointMismatch,
+        match=r"\(data_manifest_hash differ\): it was saved by .*data_manifest_hash=ddd; this run "
+        r"is .*data_manifest_hash=eee",
+    ):
+        again.restore(1, abstract(state(0)))
+    again.close()
+    # Checkpoints saved before jaxgen recorded an identity restore as before.
+    old = checkpoint.Checkpointer(tmp_path / "old", use_async=False)
+    old.save(1, state(1), {}, force=True)
+    old.close()
+    checked = checkpoint.Checkpointer(tmp_path / "old", use_async=False, identity=other)
+    assert checked.meta(1) == {"step": 1}
+    checked.restore(1, abstract(state(0)))
+    checked.close()
+
+
+def test_verify_lists_each_checkpoint_as_good_damaged_or_another_runs(tmp_path):
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False, identity=IDENTITY)
+    for step in (1, 2):
+        saver.save(step, state(step), {}, force=True)
+    saver.close()
+    _flip_array_bytes(tmp_path / "checkpoints" / "2")
+    checks = checkpoint.verify(tmp_path, config_hash="aaa")
+    assert [(c.step, c.status) for c in checks] == [(1, "good"), (2, "damaged")]
+    assert "Error reading" in checks[1].detail
+    assert [c.status for c in checkpoint.verify(tmp_path, "bbb")] == ["other run", "other run"]
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):

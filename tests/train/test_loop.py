@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from jaxgen.data import prepare
 from jaxgen.data.corpus import CorpusError
 from jaxgen.data.source import DataSource
 from jaxgen.objectives import DataError
+from jaxgen.train import checkpoint as checkpoint_lib
 from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
 from tests.tiny_runs import TINY, tiny_config
@@ -108,16 +110,46 @@ def test_partial_checkpoint_is_ignored_and_cleaned(bert_run, tmp_path, cache_dir
     assert max(losses(run)) == 7
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(bert_run, tmp_path, cache_dir):
+def _damage_latest(bert_run, tmp_path) -> Path:
+    """A copy of the finished run whose newest checkpoint (step 6) has flipped bytes."""
     import shutil
 
-    shutil.copytree(bert_run, tmp_path / "run")
     run = tmp_path / "run"
-    for path in (run / "checkpoints" / "6" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
-    with pytest.raises(Exception, match="cannot restore checkpoint"):
-        loop.train(tiny_config("bert", cache_dir, "train.num_steps=8"), run)
+    shutil.copytree(bert_run, run)
+    (run / "DONE").unlink()
+    for path in (run / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir():
+        data = bytearray(path.read_bytes())
+        data[::7] = bytes(b ^ 0xFF for b in data[::7])
+        path.write_bytes(bytes(data))
+    return run
+
+
+def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_exactly(
+    bert_run, tmp_path, cache_dir, caplog
+):
+    run = _damage_latest(bert_run, tmp_path)
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        loop.train(tiny_config("bert", cache_dir), run)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    want = (r"skipping checkpoint step 6 \(cannot restore .*/checkpoints/6: .*\): moved it to "
+            r".*checkpoints_damaged/6; resuming from step 3")  # fmt: skip
+    assert re.match(want, warnings[0]), warnings[0]
+    assert (run / "checkpoints_damaged" / "6" / "state").is_dir()
+    # Resumed from step 3 with its data position: the same losses as the uninterrupted run.
+    resumed, full = losses(run), losses(bert_run)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    assert (run / "DONE").exists()
+
+
+def test_resume_damaged_false_stops_with_the_error(bert_run, tmp_path, cache_dir):
+    run = _damage_latest(bert_run, tmp_path)
+    want = r"cannot restore checkpoint .*/6: .*train.resume_damaged=false: move that directory"
+    with pytest.raises(checkpoint_lib.CheckpointDamaged, match=want):
+        loop.train(tiny_config("bert", cache_dir, "train.resume_damaged=false"), run)
+    assert (run / "checkpoints" / "6").is_dir()
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
