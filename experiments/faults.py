@@ -198,9 +198,12 @@ def same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> str | Non
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, by relative path."""
+    """sha256 of every file under `root`, by relative path (the COMPLETED marker, which holds the
+    time it was written, by its presence)."""
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): "present"
+        if p.name == "COMPLETED"
+        else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -272,6 +275,7 @@ def trial(env: Env, fault: str, index: int, seed: int, refs: dict[str, Any]) -> 
     start = time.perf_counter()
     cmd = env.train_cmd(workdir)
     if fault == "kill-anywhere":
+        # Over the time an uninterrupted run takes (start-up, data, compiles and steps).
         at = float(rng.uniform(0, refs["train_seconds"]))
         first = env.run_and_kill(cmd, at)
         before = progress(workdir)
