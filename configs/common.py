@@ -65,11 +65,18 @@ def meta(**values: Any) -> ml_collections.ConfigDict:
     return _section(config_lib.MetaConfig, config_lib.MetaConfig.keys(), values)
 
 
+def lora(**values: Any) -> ml_collections.ConfigDict:
+    """`config.lora`: low-rank adapters; rank 0 (the default) trains every parameter."""
+    return _section(config_lib.LoraConfig, config_lib.LoraConfig.keys(), values)
+
+
 def config(**sections: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The whole config from its sections (model, data, optim, train, mesh, meta)."""
+    """The whole config from its sections (model, data, optim, train, mesh, meta, lora; lora
+    defaults to off)."""
     for name in sections:
         if name not in config_lib.SECTIONS:
             raise config_lib.ConfigError(
                 f"unknown config section {name!r}{config_lib.nearest(name, config_lib.SECTIONS)}"
             )
+    sections.setdefault("lora", lora())
     return ml_collections.ConfigDict(sections)

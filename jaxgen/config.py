@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import ml_collections
 
-SECTIONS = ("model", "data", "optim", "train", "mesh", "meta")
+SECTIONS = ("model", "data", "optim", "train", "mesh", "meta", "lora")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 S = TypeVar("S", bound="Section")
@@ -408,6 +408,49 @@ class MetaConfig(Section):
     recipe: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(Section):
+    """Low-rank adapters (Hu et al. 2021) on the dense kernels named in `targets`.
+
+    rank: 0 trains every parameter (no adapters); r > 0 adds `lora_a [*in, r]` (uniform, as peft's
+    Kaiming init) and `lora_b [r, *out]` (zeros) beside each targeted kernel, adds
+    `alpha / rank * dropout(x) @ lora_a @ lora_b` to its output, and trains only the adapters.
+    targets: Dense module names (attention: query key value out; MLP: wi wi_0 wi_1 wo), whatever
+    the kernel's rank (jaxgen's `[D, N, H]` projections included). dropout: on the adapters' input.
+    """
+
+    SECTION: ClassVar[str] = "lora"
+    TARGETS: ClassVar[tuple[str, ...]] = (
+        "query",
+        "key",
+        "value",
+        "out",
+        "wi",
+        "wi_0",
+        "wi_1",
+        "wo",
+    )
+
+    rank: int = 0
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("query", "value")
+
+    def check(self) -> None:
+        """A non-negative rank, known targets, a dropout rate in [0, 1)."""
+        require(self.rank >= 0, f"lora.rank must be 0 (off) or positive, got {self.rank}")
+        require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        require(bool(self.targets), "lora.targets is empty: name the Dense modules to adapt")
+        for target in self.targets:
+            choice("lora.targets entry", target, self.TARGETS)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on the adapters' output."""
+        return self.alpha / self.rank
+
+
 # ------------------------------------------------------------------------------------ run config
 
 
@@ -421,6 +464,7 @@ class RunConfig:
     train: TrainConfig
     mesh: MeshConfig
     meta: MetaConfig
+    lora: LoraConfig = LoraConfig()
 
     @property
     def family(self) -> str:
@@ -450,7 +494,8 @@ def run_config(config: Mapping[str, Any]) -> RunConfig:
         if key not in SECTIONS:
             raise ConfigError(f"unknown config section {key!r}{nearest(key, SECTIONS)}")
     for key in SECTIONS:
-        require(key in config, f"config has no '{key}' section")
+        # lora is optional: a config without it trains every parameter.
+        require(key in config or key == "lora", f"config has no '{key}' section")
     model = ModelConfig.from_mapping(config["model"])
     objective = objectives.get(model.family)
     run = RunConfig(
@@ -460,6 +505,7 @@ def run_config(config: Mapping[str, Any]) -> RunConfig:
         train=TrainConfig.from_mapping(config["train"]),
         mesh=MeshConfig.from_mapping(config["mesh"]),
         meta=MetaConfig.from_mapping(config["meta"]),
+        lora=LoraConfig.from_mapping(config.get("lora", {})),
     )
     for phase in run.train.phases or ({"fraction": 1.0},):
         objective.check(run.model, run.phase_data(phase))
@@ -677,6 +723,7 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
     with T5's fixed settings, which are today's Adafactor defaults.
     """
     saved = json.loads(json.dumps(saved))  # a deep copy
+    saved.setdefault("lora", {})  # runs saved before adapters existed trained every parameter
     data = saved.setdefault("data", {})
     if "split_seed" not in data:
         data["split_seed"] = saved.get("train", {}).get("seed", 0)

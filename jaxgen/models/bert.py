@@ -64,6 +64,7 @@ class BertBlock(nn.Module):
             impl=cfg.attention,
             deterministic=det,
             dtype=dtype,
+            lora=cfg.lora,
             name="attention",
         )
         # Every query (padding too, as in HF) sees every real key: queries all in segment 1.
@@ -71,8 +72,9 @@ class BertBlock(nn.Module):
         h = Dropout(cfg.dropout)(h, deterministic=det)
         x = LayerNorm(cfg.layer_norm_eps, dtype, name="attention_norm")(x + h)
         h = Mlp(
-            cfg.d_ff, "gelu", wi_std=std, wo_std=std, deterministic=det, dtype=dtype, name="mlp"
-        )(x)
+            cfg.d_ff, "gelu", wi_std=std, wo_std=std, deterministic=det, dtype=dtype,
+            lora=cfg.lora, name="mlp",
+        )(x)  # fmt: skip
         h = Dropout(cfg.dropout)(h, deterministic=det)
         x = LayerNorm(cfg.layer_norm_eps, dtype, name="mlp_norm")(x + h)
         return constrain(x, ACTS)

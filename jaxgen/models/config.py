@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-from jaxgen.config import ConfigError, Section, choice, positive, require
+from jaxgen.config import ConfigError, LoraConfig, Section, choice, positive, require
 from jaxgen.models.scan import REMAT_POLICIES
 
 FAMILY_LAYER_NORM_EPS = {"bert": 1e-12, "gpt": 1e-5, "t5": 1e-6}
@@ -69,6 +69,13 @@ class ModelConfig(Section):
     relative_attention_max_distance: int = 128
     feed_forward: str = "relu"
     tie_embeddings: bool = True
+    # Not a `model` key: the run's `lora` section, set by `models.build` (None: no adapters).
+    lora: LoraConfig | None = None
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The section's key names (every family's), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "lora")
 
     @classmethod
     def keys_of(cls, family: str) -> tuple[str, ...]:

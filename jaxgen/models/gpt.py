@@ -76,6 +76,7 @@ class GptBlock(nn.Module):
             decode=self.decode,
             deterministic=det,
             dtype=dtype,
+            lora=cfg.lora,
             name="attention",
         )
         mlp = Mlp(
@@ -85,6 +86,7 @@ class GptBlock(nn.Module):
             wo_std=out_std,
             deterministic=det,
             dtype=dtype,
+            lora=cfg.lora,
             name="mlp",
         )
         attention_norm = LayerNorm(cfg.layer_norm_eps, dtype, name="attention_norm")

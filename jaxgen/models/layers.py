@@ -71,7 +71,11 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 
 class Dense(nn.Module):
-    """`y = x @ kernel + bias` over the last `in_dims` dims of x; kernel `[*in, *features]`."""
+    """`y = x @ kernel + bias` over the last `in_dims` dims of x; kernel `[*in, *features]`.
+
+    With `lora` (a rank > 0) also `+ alpha/rank * dropout(x) @ lora_a @ lora_b`, `lora_a [*in, r]`
+    sharded like the kernel's input dims and `lora_b [r, *features]` like its output dims.
+    """
 
     features: tuple[int, ...]
     kernel_axes: tuple[str | None, ...]
@@ -79,6 +83,8 @@ class Dense(nn.Module):
     std: float = 0.02
     use_bias: bool = True
     dtype: Any = jnp.float32
+    lora: Any = None  # jaxgen.config.LoraConfig of an adapted kernel, else None
+    deterministic: bool = True  # the adapters' dropout
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,11 +96,48 @@ class Dense(nn.Module):
         y = jax.lax.dot_general(
             x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
         )
+        if self.lora is not None:
+            y = y + self._adapter(x, in_shape, contract)
         if self.use_bias:
             bias_axes = self.kernel_axes[self.in_dims :]
             bias = logical_param(self, "bias", nn.initializers.zeros, self.features, bias_axes)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _adapter(
+        self, x: jax.Array, in_shape: tuple[int, ...], contract: tuple[tuple[int, ...], ...]
+    ) -> jax.Array:
+        rank = self.lora.rank
+        fan_in = math.prod(in_shape)
+        # peft's default: Kaiming-uniform A (a = sqrt(5): bound 1/sqrt(fan_in)), B zeros, so the
+        # adapted model starts as the base model.
+        a_init = _symmetric(fan_in)
+        in_axes, out_axes = self.kernel_axes[: self.in_dims], self.kernel_axes[self.in_dims :]
+        a = logical_param(self, "lora_a", a_init, in_shape + (rank,), in_axes + (None,))
+        b = logical_param(
+            self, "lora_b", nn.initializers.zeros, (rank,) + self.features, (None,) + out_axes
+        )
+        x = Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
+        h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), (contract, ((), ())))
+        out = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+        return out * jnp.asarray(self.lora.scale, self.dtype)
+
+
+def _adapted(lora: Any, name: str, deterministic: bool) -> dict[str, Any]:
+    """Dense's adapter fields for the kernel `name`: `lora` when its targets name it."""
+    if lora is None or name not in lora.targets:
+        return {}
+    return {"lora": lora, "deterministic": deterministic}
+
+
+def _symmetric(fan_in: int) -> Callable:
+    """Uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)] (torch's kaiming_uniform_ with a = sqrt(5))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class Embed(nn.Module):
@@ -244,6 +287,7 @@ class Mlp(nn.Module):
     inner_dropout: float = 0.0  # T5 drops the hidden activations; BERT and GPT do not
     deterministic: bool = True
     dtype: Any = jnp.float32
+    lora: Any = None  # jaxgen.config.LoraConfig: adapters on the kernels its targets name
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -259,6 +303,7 @@ class Mlp(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 name=name,
+                **_adapted(self.lora, name, self.deterministic),
             )
             # Named for the remat policies (models/scan.py PROJECTIONS); a no-op without remat.
             return checkpoint_name(dense(x), "mlp_wi")  # [B, T, F]
@@ -273,6 +318,7 @@ class Mlp(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             name="wo",
+            **_adapted(self.lora, "wo", self.deterministic),
         )(h)
         return checkpoint_name(out, "mlp_wo")  # [B, T, D]
 
@@ -301,6 +347,7 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False
     deterministic: bool = True
     dtype: Any = jnp.float32
+    lora: Any = None  # jaxgen.config.LoraConfig: adapters on the kernels its targets name
 
     def _project(self, x: jax.Array, name: str, std: float) -> jax.Array:
         dense = Dense(
@@ -310,6 +357,7 @@ class MultiHeadAttention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             name=name,
+            **_adapted(self.lora, name, self.deterministic),
         )
         return checkpoint_name(dense(x), f"{name}_proj")  # [B, len, N, H]
 
@@ -370,6 +418,7 @@ class MultiHeadAttention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             name="out",
+            **_adapted(self.lora, "out", self.deterministic),
         )
         return checkpoint_name(dense(out), "out_proj")  # [B, T, D]
 

@@ -81,6 +81,7 @@ class T5Block(nn.Module):
             decode=decode,
             deterministic=self.deterministic,
             dtype=cfg.compute_dtype,
+            lora=cfg.lora,
             name=name,
         )
 
@@ -135,6 +136,7 @@ class T5Block(nn.Module):
             inner_dropout=cfg.dropout,
             deterministic=self.deterministic,
             dtype=dtype,
+            lora=cfg.lora,
             name="mlp",
         )
         x = x + dropout(mlp(RMSNorm(eps, dtype, name="mlp_norm")(x)))

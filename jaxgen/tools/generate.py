@@ -17,6 +17,7 @@ import numpy as np
 from jaxgen import config as config_lib
 from jaxgen import models, sample
 from jaxgen.data import tokenizer as tokenizer_lib
+from jaxgen.models import lora as lora_lib
 from jaxgen.train import checkpoint as checkpoint_lib
 
 
@@ -37,6 +38,8 @@ class _Run:
     def load(self) -> None:
         """Reads the checkpoint and the tokenizer (slow; after the cheap checks)."""
         self.step, self.params = checkpoint_lib.load_params(self.workdir)
+        if self.config.lora.rank:  # sampled from the merged model: the same function, faster
+            self.params = lora_lib.merge(self.params, self.config.lora)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.workdir / "tokenizer")
         self.module = models.build(self.config.model)
         self.max_len = self.config.model.max_len

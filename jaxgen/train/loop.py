@@ -34,6 +34,7 @@ from jaxgen.config import DataConfig, RunConfig
 from jaxgen.data import records
 from jaxgen.data.pipeline import DataIterator
 from jaxgen.data.source import DataSource
+from jaxgen.models import lora as lora_lib
 from jaxgen.objectives import Objective
 from jaxgen.train import checkpoint as checkpoint_lib
 from jaxgen.train import faults, optim
@@ -172,10 +173,15 @@ class Trainer:
 
 def build_trainer(run: RunConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
     """The run's trainer and a freshly initialised state (seed train.seed) in its shardings."""
-    module = models.build(run.model)
+    module = models.build(run.model, run.lora)
     objective = objectives.get(run.family)
     schedule = optim.make_schedule(run.optim, run.train.num_steps)
     optimizer = optim.make_optimizer(run.optim, run.train.num_steps)
+    if run.lora.rank:
+        optimizer = optim.adapters_only(optimizer)
+        if not run.train.init_from:
+            log.warning("lora.rank=%d without train.init_from: the frozen base model is the "
+                        "random initialisation", run.lora.rank)  # fmt: skip
     options = step_lib.StepOptions(
         grad_accum=run.train.grad_accum,
         z_loss=run.train.z_loss,
@@ -265,6 +271,8 @@ def restore_or_init(
     if init_from:
         # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
         _, params = checkpoint_lib.load_params(init_from, model=trainer.run.model)
+        if trainer.run.lora.rank:  # the base from init_from, the adapters freshly initialised
+            params = lora_lib.with_base(state.params, params)
         state = state.replace(params=jax.device_put(params, trainer.shardings.params))
         log.info("initialised parameters from %s", init_from)
     return state, 0, {}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen.config import AdafactorConfig, AdamWConfig, OptimConfig
-from jaxgen.models import scan
+from jaxgen.models import lora, scan
 
 # Parameter leaf names that are never weight-decayed: biases and LayerNorm/RMSNorm gains (BERT,
 # GPT-1).
@@ -117,3 +117,9 @@ def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransfor
     if optim.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.clip_norm), core)
     return core
+
+
+def adapters_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on the LoRA adapters; every other parameter frozen (zero updates, no optimizer
+    state), so only the adapters' moments take memory."""
+    return optax.multi_transform({"adapter": inner, "frozen": optax.set_to_zero()}, lora.labels)

@@ -395,3 +395,25 @@ def test_init_from_an_unrolled_run_into_a_scanned_model(bert_run, tmp_path, cach
     )  # fmt: skip
     loop.train(config, tmp_path)
     assert losses(tmp_path, "eval")[0] == pytest.approx(losses(bert_run, "eval")[6], rel=1e-5)
+
+
+def test_lora_run_starts_from_the_base_and_trains_only_the_adapters(bert_run, tmp_path, cache_dir):
+    """lora.rank with train.init_from: step 0 evaluates as the base run's last step; after
+    training, every base parameter is bit-identical and the adapters moved."""
+    from flax import traverse_util
+
+    config = tiny_config(
+        "bert", cache_dir, f"train.init_from={bert_run}", "lora.rank=4",
+        "lora.targets=[\"query\", \"value\", \"wi\"]", "train.num_steps=3",
+        "optim.learning_rate=1e-2",
+    )  # fmt: skip
+    loop.train(config, tmp_path)
+    assert losses(tmp_path, "eval")[0] == pytest.approx(losses(bert_run, "eval")[6], rel=1e-5)
+    _, base = checkpoint_lib.load_params(bert_run)
+    _, tuned = checkpoint_lib.load_params(tmp_path)
+    flat_base, flat_tuned = traverse_util.flatten_dict(base), traverse_util.flatten_dict(tuned)
+    adapters = {k: v for k, v in flat_tuned.items() if k[-1] in ("lora_a", "lora_b")}
+    assert {k[-2] for k in adapters} == {"query", "value", "wi"}
+    assert any(np.any(v != 0) for k, v in adapters.items() if k[-1] == "lora_b")
+    for key, value in flat_base.items():
+        np.testing.assert_array_equal(flat_tuned[key], value, err_msg=str(key))
