@@ -253,7 +253,10 @@ def _flip_or_cut(workdir: Path, rng: np.random.Generator) -> tuple[int, str]:
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     newest = workdir / "checkpoints" / str(steps[-1])
     files = sorted(p for p in (newest / "state").glob("**/d/*") if p.is_file())
-    target = files[rng.integers(len(files))]
+    # Picked by size, as a bad sector would: the arrays' data, mostly. Some small files are
+    # b-tree nodes that a merge of the processes' databases superseded; damage there is harmless.
+    sizes = np.array([p.stat().st_size for p in files], np.float64)
+    target = files[rng.choice(len(files), p=sizes / sizes.sum())]
     data = bytearray(target.read_bytes())
     if rng.random() < 0.5:
         for i in rng.choice(len(data), size=max(1, len(data) // 50), replace=False):
@@ -373,31 +376,31 @@ def trial(env: Env, fault: str, index: int, seed: int, refs: dict[str, Any]) -> 
     return record
 
 
-def references(env: Env) -> dict[str, Any]:
-    """An uninterrupted run and an uninterrupted prepare, made once per base directory."""
+def references(env: Env, faults: list[str]) -> dict[str, Any]:
+    """An uninterrupted run (and, for kill-prepare, an uninterrupted prepare), made once per base
+    directory and kept there."""
     saved = env.base / "references.json"
-    if saved.exists():
-        refs = json.loads(saved.read_text())
-        refs["params"] = dict(np.load(env.base / "reference-params.npz"))
-        return refs
+    refs = json.loads(saved.read_text()) if saved.exists() else {}
     workdir = env.base / "reference"
-    shutil.rmtree(workdir, ignore_errors=True)
-    env.run(env.train_cmd(workdir))  # fills the data and compilation caches
-    shutil.rmtree(workdir)
-    run = env.run(env.train_cmd(workdir))
-    if run.code:
-        raise SystemExit(f"the reference run failed:\n{run.stderr[-2000:]}")
-    output = env.base / "prepared-reference"
-    shutil.rmtree(output, ignore_errors=True)
-    prep = env.run(env.prepare_cmd(output))
-    if prep.code:
-        raise SystemExit(f"the reference prepare failed:\n{prep.stderr[-2000:]}")
-    params = final_params(workdir)
-    np.savez(env.base / "reference-params.npz", **params)
-    refs = {"train_seconds": run.seconds, "prepare_seconds": prep.seconds,
-            "prepared": tree_hashes(output)}  # fmt: skip
+    if "train_seconds" not in refs:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if "kill-anywhere" in faults:  # timed warm: with the data and compilation caches filled
+            env.run(env.train_cmd(workdir))
+            shutil.rmtree(workdir)
+        run = env.run(env.train_cmd(workdir))
+        if run.code:
+            raise SystemExit(f"the reference run failed:\n{run.stderr[-2000:]}")
+        np.savez(env.base / "reference-params.npz", **final_params(workdir))
+        refs["train_seconds"] = run.seconds
+    if "kill-prepare" in faults and "prepared" not in refs:
+        output = env.base / "prepared-reference"
+        shutil.rmtree(output, ignore_errors=True)
+        prep = env.run(env.prepare_cmd(output))
+        if prep.code:
+            raise SystemExit(f"the reference prepare failed:\n{prep.stderr[-2000:]}")
+        refs.update(prepare_seconds=prep.seconds, prepared=tree_hashes(output))
     saved.write_text(json.dumps(refs, indent=1))
-    return {**refs, "params": params}
+    return {**refs, "params": dict(np.load(env.base / "reference-params.npz"))}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -440,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown faults {unknown}; faults: {', '.join(FAULTS)}")
     args.base.mkdir(parents=True, exist_ok=True)
     env = Env(args.base.absolute())
-    refs = references(env)
+    refs = references(env, faults)
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     todo = [(f, i) for f in faults for i in range(args.trials)
             if args.force or f"{f}/{i}" not in results]  # fmt: skip
