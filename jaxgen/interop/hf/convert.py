@@ -23,8 +23,9 @@ import numpy as np
 from jaxgen import config as config_lib
 from jaxgen.config import RunConfig
 from jaxgen.data import tokenizer as tokenizer_lib
-from jaxgen.interop.hf import architectures, files, names
+from jaxgen.interop.hf import architectures, files, names, peft
 from jaxgen.interop.hf.errors import InteropError, unsupported
+from jaxgen.models import lora as lora_lib
 from jaxgen.models.config import ModelConfig
 from jaxgen.train import checkpoint as checkpoint_lib
 from jaxgen.train import optim
@@ -139,7 +140,11 @@ def import_workdir(src: str | os.PathLike, workdir: str | os.PathLike) -> Path:
 def export_workdir(
     workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None
 ) -> int:
-    """A run's latest (or given) checkpoint -> HF directory plus vocabulary; returns the step."""
+    """A run's latest (or given) checkpoint -> HF directory plus vocabulary; returns the step.
+
+    A LoRA run (lora.rank > 0) exports its merged model, and its adapters in peft's format under
+    `dst/adapter/` (for the base model its train.init_from run exports).
+    """
     workdir, dst = Path(workdir).expanduser(), Path(dst).expanduser()
     config_file = workdir / "config.json"
     if not config_file.is_file():
@@ -147,6 +152,11 @@ def export_workdir(
     run = config_lib.load_saved_config(config_file)
     step, params = checkpoint_lib.load_params(workdir, step)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    if run.lora.rank:  # the merged model, and the adapters for peft beside it
+        base = str(Path(run.train.init_from).expanduser()) if run.train.init_from else ""
+        adapter_dir = peft.save_adapters(params, run.model, run.lora, dst / "adapter", base)
+        log.info("wrote the LoRA adapters in peft's format to %s", adapter_dir)
+        params = jax.tree.map(np.asarray, lora_lib.merge(params, run.lora))
     token_ids: dict[str, int | None] = {}
     tokenizer_dir = workdir / "tokenizer"
     if (tokenizer_dir / tokenizer_lib.META_FILE).is_file():

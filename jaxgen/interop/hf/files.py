@@ -84,15 +84,15 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     )
 
 
-def write_weights(tensors: dict[str, np.ndarray], path: Path) -> None:
-    """Writes `path/model.safetensors` (float32, the layout from_pretrained reads)."""
+def write_weights(tensors: dict[str, np.ndarray], path: Path, name: str = SAFETENSORS_FILE) -> None:
+    """Writes `path/model.safetensors` (or `name`; float32, the layout from_pretrained reads)."""
     try:
         from safetensors.numpy import save_file
     except ImportError as err:
         raise InteropError(
             "writing model.safetensors needs safetensors: pip install 'jaxgen[interop]'"
         ) from err
-    save_file(tensors, str(path / SAFETENSORS_FILE), metadata={"format": "pt"})
+    save_file(tensors, str(path / name), metadata={"format": "pt"})
 
 
 def tokenizer_settings(path: Path, family: str) -> tuple[str, str, bool]:
