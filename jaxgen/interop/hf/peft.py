@@ -2,10 +2,10 @@
 `peft.PeftModel.from_pretrained(<the HF base model>, dir)` loads onto the exported base model.
 
 peft keeps `lora_A.weight [r, in]` and `lora_B.weight [out, r]` per adapted HF module, named
-`base_model.model.<module>.lora_{A,B}.weight`, and scales by `lora_alpha / r`. jaxgen's adapters
-`lora_a [*in, r]`, `lora_b [r, *out]` flatten onto them; GPT-2's fused `c_attn` (query, key and value
-in one Conv1D) takes the adapted ones of the three as one adapter of rank r x (how many), A stacked
-and B block-diagonal, with `rank_pattern` and `alpha_pattern` keeping the scale alpha / r.
+`base_model.model.<module>.lora_{A,B}.weight`, and scales by `lora_alpha / r`. jaxgen's
+adapters `lora_a [*in, r]`, `lora_b [r, *out]` flatten onto them; GPT-2's fused `c_attn` (query,
+key and value in one Conv1D) takes the adapted ones of the three as one adapter of rank r x (how
+many), A stacked and B block-diagonal, `rank_pattern` and `alpha_pattern` keeping alpha / r.
 """
 
 from __future__ import annotations
