@@ -139,7 +139,8 @@ def _cmd_compile(args: argparse.Namespace, extra: list[str]) -> int:
 
 # `jaxgen sample` flag -> the sampler keyword it sets (flags not given keep the samplers' defaults)
 SAMPLE_SETTINGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                   "seed": "seed", "gibbs_steps": "num_sweeps", "gibbs_order": "order"}  # fmt: skip
+                   "seed": "seed", "gibbs_steps": "num_sweeps", "gibbs_order": "order",
+                   "beam_size": "num_beams", "length_penalty": "alpha"}  # fmt: skip
 
 
 def _cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
@@ -366,6 +367,10 @@ def _add_sample(sub: Any) -> None:
     sample.add_argument("--top_k", type=int, help=f"default {_default(gpt, 'top_k')} (off)")
     sample.add_argument("--top_p", type=float, help=f"default {_default(gpt, 'top_p')} (off)")
     sample.add_argument("--seed", type=int, help=f"default {_default(gpt, 'seed')}")
+    sample.add_argument("--beam_size", type=int, help="GPT/T5: beam search with this many beams")
+    sample.add_argument("--length_penalty", type=float,
+                        help="GPT/T5 beam search: t5x's brevity penalty alpha, default "
+                        f"{_default(samplers.beam_search_t5, 'alpha')} (none)")  # fmt: skip
     gibbs = samplers.gibbs_bert
     sample.add_argument(
         "--gibbs_steps", type=int, help=f"BERT: sweeps, default {_default(gibbs, 'num_sweeps')}"

@@ -139,6 +139,24 @@ def sample_gpt(
     )
 
 
+def _gpt_decoder(module: nn.Module, params: Params, batch: int, total: int) -> tuple[Any, Params]:
+    """(forward(cache, tokens `[B, t]`, start) -> (logits of the last `[B, V]`, cache), a zero KV
+    cache) for decoding `batch` rows of up to `total` tokens."""
+
+    def forward(cache: Params, tokens: jax.Array, start: jax.Array) -> tuple[jax.Array, Params]:
+        positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B, t]
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache}, tokens, positions, decode=True, mutable=["cache"]
+        )
+        return logits[:, -1], mutated["cache"]  # [B, V]
+
+    full = jnp.zeros((batch, total), jnp.int32)
+    cache = _zeros_cache(
+        lambda: module.init(jax.random.key(0), full, jnp.zeros_like(full), decode=True)
+    )
+    return forward, cache
+
+
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
 def _sample_gpt(
     module: nn.Module,
@@ -152,20 +170,9 @@ def _sample_gpt(
 ) -> jax.Array:
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
-
-    def forward(cache: Params, tokens: jax.Array, start: jax.Array) -> tuple[jax.Array, Params]:
-        positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B, t]
-        logits, mutated = module.apply(
-            {"params": params, "cache": cache}, tokens, positions, decode=True, mutable=["cache"]
-        )
-        return logits[:, -1], mutated["cache"]  # [B, V]
-
-    full = jnp.zeros((batch, total), jnp.int32)
-    cache = _zeros_cache(
-        lambda: module.init(jax.random.key(0), full, jnp.zeros_like(full), decode=True)
-    )
+    forward, cache = _gpt_decoder(module, params, batch, total)
     logits, cache = forward(cache, prompt, jnp.int32(0))  # prefill the whole prompt at once
-    out = jax.lax.dynamic_update_slice(full, prompt, (0, 0))
+    out = jax.lax.dynamic_update_slice(jnp.zeros((batch, total), jnp.int32), prompt, (0, 0))
 
     def step(i: jax.Array, carry: tuple) -> tuple:
         out, cache, logits, done = carry
@@ -276,6 +283,215 @@ def _decode_t5(
     done = jnp.zeros((batch,), bool)
     out, *_ = jax.lax.fori_loop(0, max_decode_len, step, (full, cache, start, done))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Beam search
+
+NEG = -1.0e9  # the score of an empty slot or an excluded candidate (HF's and t5x's value)
+
+
+def brevity(length: jax.Array, alpha: float) -> jax.Array:
+    """t5x's brevity penalty ((5 + length) / 6) ** alpha: a finished beam's log-prob is divided by
+    it (alpha 0: plain log-probs)."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _reorder_cache(cache: Params, rows: jax.Array) -> Params:
+    """The KV cache of the beams `rows` (flat indices into batch x beams); scanned stacks keep
+    their layers on axis 0 and their rows on axis 1, cache indices are shared scalars."""
+
+    def take(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        if leaf.ndim < 2:  # cache_index: a scalar, or [L] when stacked
+            return leaf
+        stacked = any(str(getattr(p, "key", p)) == "layers" for p in path)
+        return jnp.take(leaf, rows, axis=1 if stacked else 0)
+
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def _beam_search(
+    step_fn: Any,
+    cache: Params,
+    logits: jax.Array,
+    batch: int,
+    num_beams: int,
+    length: int,
+    eos_id: jax.Array,
+    pad_id: jax.Array,
+    alpha: float,
+) -> jax.Array:
+    """Beam search over `length` new tokens -> the best finished beam per row `[B, length]`.
+
+    logits `[B*K, V]`: of the first new token, each row repeated K times; step_fn(cache, tokens
+    `[B*K]`, i) -> (logits of token i + 1, cache). HF's algorithm (transformers 5 `_beam_search`,
+    early_stopping=False): the 2K best continuations; those ending in eos among the first K finish
+    (score / brevity(length)); the K best others run on; a row stops once its best running beam,
+    at its current length, cannot beat its worst of K finished ones; at `length` every candidate
+    finishes. With alpha 0 it returns HF's tokens for length_penalty 0.
+    """
+    k = num_beams
+    vocab = logits.shape[-1]
+    top_k_mask = jnp.arange(2 * k) < k
+    batch_offset = (jnp.arange(batch) * k)[:, None]
+
+    def gather(x: jax.Array, index: jax.Array) -> jax.Array:  # x [B, M, ...], index [B, J]
+        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def step(i: jax.Array, carry: tuple) -> tuple:
+        cache, logits, run_seq, run_score, fin_seq, fin_score, fin_flag, open_ = carry
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
+        total = (logp + run_score[:, :, None]).reshape(batch, k * vocab)
+        cand_score, flat = jax.lax.top_k(total, 2 * k)  # [B, 2K]
+        beam, token = flat // vocab, flat % vocab
+        cand_seq = gather(run_seq, beam)
+        cand_seq = jax.lax.dynamic_update_index_in_dim(cand_seq, token, i, axis=2)
+        hits = (token == eos_id) | (i + 1 == length)
+        # The K best continuations that did not end run on.
+        run_score, keep = jax.lax.top_k(cand_score + hits * NEG, k)
+        run_seq = gather(cand_seq, keep)
+        rows = (gather(beam, keep) + batch_offset).reshape(-1)
+        # Those that ended among the first K join the finished ones, while the row is open.
+        joined = cand_score / brevity(i + 1, alpha)
+        joined = jnp.where(hits & top_k_mask & open_[:, None], joined, joined + NEG)
+        merged_score = jnp.concatenate([fin_score, joined], axis=1)
+        fin_score, best = jax.lax.top_k(merged_score, k)
+        fin_seq = gather(jnp.concatenate([fin_seq, cand_seq], axis=1), best)
+        fin_flag = gather(jnp.concatenate([fin_flag, hits & top_k_mask], axis=1), best)
+        # Can a running beam still beat the worst finished one (all K finished)?
+        best_running = run_score[:, 0] / brevity(i + 1, alpha)
+        worst = jnp.where(fin_flag.all(axis=1), fin_score.min(axis=1), NEG)
+        open_ = open_ & (best_running > worst)
+        tokens = jax.lax.dynamic_index_in_dim(run_seq, i, axis=2, keepdims=False).reshape(-1)
+        # The forward after the last token is wasted but keeps the loop body uniform.
+        logits, cache = step_fn(_reorder_cache(cache, rows), tokens, i)
+        return cache, logits, run_seq, run_score, fin_seq, fin_score, fin_flag, open_
+
+    seqs = jnp.full((batch, k, length), pad_id, jnp.int32)
+    run_score = jnp.where(jnp.arange(k) == 0, 0.0, NEG)[None, :].repeat(batch, 0)
+    fin_score = jnp.full((batch, k), NEG)
+    carry = (cache, logits, seqs, run_score, seqs, fin_score, jnp.zeros((batch, k), bool),
+             jnp.ones((batch,), bool))  # fmt: skip
+    # A beam is frozen when it finishes: its positions after eos keep their pad_id fill.
+    return jax.lax.fori_loop(0, length, step, carry)[4][:, 0]
+
+
+def _check_beams(num_beams: int, alpha: float) -> None:
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1; got {num_beams}")
+    if alpha < 0:
+        raise ValueError(f"the brevity penalty alpha must be >= 0 (0 = none); got {alpha}")
+
+
+def beam_search_gpt(
+    module: nn.Module,
+    params: Params,
+    prompt: Any,
+    *,
+    max_new_tokens: int,
+    num_beams: int = 4,
+    alpha: float = 0.0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> jax.Array:
+    """The best of `num_beams` beams continuing prompts `[B, P]` -> `[B, P + max_new_tokens]`
+    int32 (`pad_id` after a beam's `eos_id`); alpha: t5x's brevity penalty."""
+    prompt = _tokens(prompt, "prompt", module.config.vocab_size)
+    if prompt.shape[1] == 0:
+        raise ValueError("the GPT prompt is empty: give at least one token")
+    _check_beams(num_beams, alpha)
+    if prompt.shape[1] + max_new_tokens > module.config.max_len:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+            f"model's context max_len={module.config.max_len}"
+        )
+    specials = jnp.array([-1 if eos_id is None else eos_id, pad_id], jnp.int32)
+    new = _beam_gpt(module, nn.meta.unbox(params), prompt, specials, max_new_tokens=max_new_tokens,
+                    num_beams=num_beams, alpha=float(alpha))  # fmt: skip
+    return jnp.concatenate([prompt, new], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "alpha"))
+def _beam_gpt(
+    module: nn.Module,
+    params: Params,
+    prompt: jax.Array,
+    specials: jax.Array,
+    *,
+    max_new_tokens: int,
+    num_beams: int,
+    alpha: float,
+) -> jax.Array:
+    batch, prompt_len = prompt.shape
+    rows = jnp.repeat(prompt, num_beams, axis=0)  # [B*K, P]
+    forward, cache = _gpt_decoder(module, params, rows.shape[0], prompt_len + max_new_tokens)
+    logits, cache = forward(cache, rows, jnp.int32(0))
+    step_fn = lambda c, t, i: forward(c, t[:, None], prompt_len + i)  # noqa: E731
+    return _beam_search(step_fn, cache, logits, batch, num_beams, max_new_tokens,
+                        specials[0], specials[1], alpha)  # fmt: skip
+
+
+def beam_search_t5(
+    module: nn.Module,
+    params: Params,
+    encoder_input_ids: Any,
+    encoder_mask: Any | None = None,
+    *,
+    max_decode_len: int,
+    num_beams: int = 4,
+    alpha: float = 0.0,
+    decoder_start_id: int = 0,
+    eos_id: int | None = 1,
+    pad_id: int = 0,
+) -> jax.Array:
+    """The best of `num_beams` beams decoding encoder ids `[B, S]` -> `[B, max_decode_len]` int32
+    (without the start token; `pad_id` after `eos_id`); alpha: t5x's brevity penalty."""
+    encoder_input_ids = _tokens(encoder_input_ids, "encoder_input_ids", module.config.vocab_size)
+    if encoder_input_ids.shape[1] == 0:
+        raise ValueError("encoder_input_ids is empty: give at least one token")
+    if encoder_mask is not None:
+        encoder_mask = _tokens(encoder_mask, "encoder_mask")
+    if max_decode_len < 1:
+        raise ValueError(f"max_decode_len must be >= 1; got {max_decode_len}")
+    _check_beams(num_beams, alpha)
+    specials = jnp.array([decoder_start_id, -1 if eos_id is None else eos_id, pad_id], jnp.int32)
+    return _beam_t5(module, nn.meta.unbox(params), encoder_input_ids, encoder_mask, specials,
+                    max_decode_len=max_decode_len, num_beams=num_beams,
+                    alpha=float(alpha))  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_decode_len", "num_beams", "alpha"))
+def _beam_t5(
+    module: nn.Module,
+    params: Params,
+    encoder_input_ids: jax.Array,
+    encoder_mask: jax.Array | None,
+    specials: jax.Array,
+    *,
+    max_decode_len: int,
+    num_beams: int,
+    alpha: float,
+) -> jax.Array:
+    batch = encoder_input_ids.shape[0]
+    encoded = module.apply({"params": params}, encoder_input_ids, encoder_mask, method="encode")
+    encoded = jnp.repeat(encoded, num_beams, axis=0)  # [B*K, S, D]
+    mask = None if encoder_mask is None else jnp.repeat(encoder_mask, num_beams, axis=0)
+    full = jnp.zeros((encoded.shape[0], max_decode_len), jnp.int32)
+
+    def forward(cache: Params, tokens: jax.Array) -> tuple[jax.Array, Params]:
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache}, encoded, tokens[:, None], mask, decode=True,
+            method="decode", mutable=["cache"],
+        )  # fmt: skip
+        return logits[:, 0], mutated["cache"]
+
+    cache = _zeros_cache(
+        lambda: module.init(jax.random.key(0), encoded, full, mask, decode=True, method="decode")
+    )
+    logits, cache = forward(cache, jnp.full((encoded.shape[0],), specials[0], jnp.int32))
+    step_fn = lambda c, t, i: forward(c, t)  # noqa: E731
+    return _beam_search(step_fn, cache, logits, batch, num_beams, max_decode_len,
+                        specials[1], specials[2], alpha)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,10 +76,17 @@ def _gpt(run: _Run, prompt: str, num_samples: int, max_new_tokens: int, **settin
             len(ids) + max_new_tokens,
             f"use --max_new_tokens <= {run.max_len - len(ids)}",
         )
-    out = sample.sample_gpt(
-        run.module, run.params, np.tile(np.asarray([ids], np.int32), (num_samples, 1)),
-        max_new_tokens=max_new_tokens, eos_id=tok.eos_id, **settings,
-    )  # fmt: skip
+    prompts = np.tile(np.asarray([ids], np.int32), (num_samples, 1))
+    if _beams(settings, num_samples):
+        out = sample.beam_search_gpt(
+            run.module, run.params, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+            pad_id=tok.pad_id if tok.pad_id is not None else 0, **settings,
+        )  # fmt: skip
+    else:
+        out = sample.sample_gpt(
+            run.module, run.params, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+            **settings,
+        )  # fmt: skip
     texts = []
     for row in np.asarray(out):
         new = row[len(ids) :]
@@ -100,13 +107,32 @@ def _t5(run: _Run, prompt: str, num_samples: int, max_new_tokens: int, **setting
     ids = tok.encode(prompt) + [tok.eos_id]
     if len(ids) > run.max_len:
         raise run.too_long("the prompt (with EOS)", len(ids), "shorten --prompt")
-    out = sample.decode_t5(
+    decode = sample.beam_search_t5 if _beams(settings, num_samples) else sample.decode_t5
+    out = decode(
         run.module, run.params, np.tile(np.asarray([ids], np.int32), (num_samples, 1)),
         np.ones((num_samples, len(ids)), np.int32), max_decode_len=max_new_tokens,
         decoder_start_id=tok.pad_id, eos_id=tok.eos_id, pad_id=tok.pad_id,  # T5 starts from pad
         **settings,
     )  # fmt: skip
     return [run.text(row) for row in np.asarray(out)]
+
+
+def _beams(settings: dict[str, Any], num_samples: int) -> bool:
+    """Whether the settings ask for beam search (num_beams); refuses sampling settings with it."""
+    if "num_beams" not in settings:
+        if "alpha" in settings:
+            raise ValueError(
+                "--length_penalty is the beam search's brevity penalty: add --beam_size"
+            )
+        return False
+    sampling = sorted(set(settings) & {"temperature", "top_k", "top_p", "seed"})
+    if sampling:
+        raise ValueError(
+            f"beam search (--beam_size) is deterministic: drop {', '.join(sampling)} (or --greedy)"
+        )
+    if num_samples != 1:
+        raise ValueError("beam search returns its best beam: use --num_samples 1 with --beam_size")
+    return True
 
 
 def _bert(run: _Run, prompt: str, num_samples: int, length: int, **settings: Any) -> list:
@@ -137,7 +163,7 @@ def _bert(run: _Run, prompt: str, num_samples: int, length: int, **settings: Any
     return [run.text(row[1:-1]) for row in np.asarray(out)]
 
 
-_DECODING = ("temperature", "top_k", "top_p", "seed")
+_DECODING = ("temperature", "top_k", "top_p", "seed", "num_beams", "alpha")
 # family -> (generator, the keyword it takes for the generated length, the settings it takes)
 GENERATORS: dict[str, tuple[Callable[..., list[str]], str, tuple[str, ...]]] = {
     "bert": (_bert, "length", ("temperature", "top_k", "top_p", "seed", "num_sweeps", "order")),
@@ -162,7 +188,8 @@ def generate(
     sentinels) into at most max_new_tokens tokens; BERT Gibbs-samples `length` tokens after the
     optional prompt in a `[CLS] prompt ... [SEP]` layout and returns the text between [CLS] and
     [SEP]. settings: the sampler's keywords (temperature, top_k, top_p, seed; BERT num_sweeps,
-    order); `greedy` sets the temperature to 0. Raises CheckpointError or ValueError naming the
+    order; GPT and T5 num_beams and alpha, t5x's brevity penalty, for beam search); `greedy` sets
+    the temperature to 0. Raises CheckpointError or ValueError naming the
     workdir.
     """
     if greedy:

@@ -82,6 +82,24 @@ def test_t5_decodes_the_sentinel_target(runs, capsys):
 
 
 @pytest.mark.slow
+def test_beam_search_from_the_cli_and_its_errors(runs, capsys):
+    code, out, err = run_cli(
+        capsys, "sample", "--workdir", str(runs["t5"]), "--prompt", T5["prompt"],
+        "--max_new_tokens", "10", "--beam_size", "3", "--length_penalty", "0.6",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines() == generate(runs["t5"], num_beams=3, alpha=0.6, **T5)
+    one = dict(GPT, num_samples=1)
+    assert generate(runs["gpt"], num_beams=1, **one) == generate(runs["gpt"], greedy=True, **one)
+    with pytest.raises(ValueError, match="deterministic: drop temperature"):
+        generate(runs["gpt"], num_beams=2, temperature=0.5, **one)
+    with pytest.raises(ValueError, match="--num_samples 1 with --beam_size"):
+        generate(runs["gpt"], num_beams=2, **GPT)
+    with pytest.raises(ValueError, match="brevity penalty: add --beam_size"):
+        generate(runs["gpt"], alpha=0.6, **one)
+
+
+@pytest.mark.slow
 def test_cli_flags_reach_the_samplers_and_defaults_stay_theirs(runs, capsys):
     code, out, err = run_cli(
         capsys, "sample", "--workdir", str(runs["bert"]), "--prompt", BERT["prompt"],
