@@ -226,6 +226,7 @@ class Checkpointer:
         where = self.directory / str(step)
         self.check_identity(step)
         self._check_layer_layout(step, abstract_state)
+        self._check_structure(step, abstract_state)
         try:
             with _quiet_failed_reads():
                 try:
@@ -308,6 +309,24 @@ class Checkpointer:
                 "optimizer state starts afresh)"
             )
 
+    def _check_structure(self, step: int, abstract_state: TrainState) -> None:
+        """Raises CheckpointMismatch when the checkpoint holds another train state than the run
+        builds (an optimizer, model or lora setting changed): a readable checkpoint is never
+        taken for a damaged one."""
+        try:
+            saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
+        except Exception:  # unreadable metadata: restore itself reports what is wrong
+            return
+        differ = structure_mismatch(saved, abstract_state)
+        if differ:
+            raise CheckpointMismatch(
+                f"cannot restore checkpoint {self.directory / str(step)}: it holds another train "
+                f"state than this run builds ({differ}); an optimizer, model or lora setting "
+                "changed since it was saved. Resume with the settings it was saved with (its "
+                "config.json), or start a new --workdir with "
+                f"train.init_from={self.directory.parent}"
+            )
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk, re-raising any error they hit."""
         self.manager.wait_until_finished()
@@ -326,6 +345,30 @@ def abstract_like(state: TrainState, shardings: TrainState) -> TrainState:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
+
+
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def structure_mismatch(saved: Mapping[tuple[str, ...], Any], target: Any) -> str | None:
+    """What differs between a checkpoint's flat metadata ({path: array metadata}) and the tree
+    a restore targets: missing or extra leaves, or other shapes; None when they agree."""
+    wanted = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key_data = jnp.issubdtype(getattr(leaf, "dtype", jnp.float32), jax.dtypes.prng_key)
+        wanted[tuple(_key_name(k) for k in path)] = None if key_data else tuple(leaf.shape)
+    show = lambda paths: ", ".join("/".join(p) for p in sorted(paths)[:3])  # noqa: E731
+    extra, missing = set(saved) - set(wanted), set(wanted) - set(saved)
+    if extra or missing:
+        parts = [f"only in the checkpoint: {show(extra)}"] if extra else []
+        parts += [f"only in this run: {show(missing)}"] if missing else []
+        return "; ".join(parts)
+    for path, shape in sorted(wanted.items()):
+        have = tuple(getattr(saved[path], "shape", ()) or ())
+        if shape is not None and have != shape:
+            return f"{'/'.join(path)} is {have} in the checkpoint, {shape} in this run"
+    return None
 
 
 def layer_layout_mismatch(saved: Any, target: Any) -> str | None:

@@ -127,6 +127,24 @@ def test_a_checkpoint_of_another_run_or_data_set_is_refused_naming_both(tmp_path
     checked.close()
 
 
+def test_another_train_state_is_a_mismatch_not_damage(tmp_path):
+    """A changed optimizer (or model, or lora setting) is named, never taken for a damaged file
+    (which a resumed run would set aside)."""
+    saver = checkpoint.Checkpointer(tmp_path, use_async=False)
+    saver.save(1, state(1), {}, force=True)
+    other = TrainState.create(state(0).params, {"count": jnp.int32(0), "mu": state(0).params},
+                              jax.random.key(0))  # fmt: skip
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"another train state than this run "
+                       r"builds \(only in this run: opt_state/mu/dense/bias"):  # fmt: skip
+        saver.restore(1, abstract(other))
+    wider = TrainState.create({"dense": {"kernel": jnp.ones((3, 5)), "bias": jnp.ones(4)}},
+                              {"count": jnp.int32(0)}, jax.random.key(0))  # fmt: skip
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"params/dense/kernel is \(3, 4\) in "
+                       r"the checkpoint, \(3, 5\) in this run"):  # fmt: skip
+        saver.restore(1, abstract(wider))
+    saver.close()
+
+
 def test_verify_lists_each_checkpoint_as_good_damaged_or_another_runs(tmp_path):
     saver = checkpoint.Checkpointer(tmp_path, use_async=False, identity=IDENTITY)
     for step in (1, 2):
