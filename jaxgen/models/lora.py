@@ -86,3 +86,20 @@ def with_base(fresh: Any, base: Any) -> Any:
                 "model these adapters are added to (same family, shapes and model.scan_layers)"
             )
     return traverse_util.unflatten_dict(out)
+
+
+def adapters(params: Any) -> Any:
+    """Only the adapter leaves of a tree (what a LoRA run's checkpoints hold)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] in ADAPTERS})
+
+
+def with_adapters(params: Any, saved: Any) -> Any:
+    """`params` (an adapted model's, or its base's without adapters) with the adapter leaves of
+    `saved` (a LoRA checkpoint's)."""
+    flat, new = traverse_util.flatten_dict(params), traverse_util.flatten_dict(saved)
+    kernels = {k[:-1] for k in flat if k[-1] == "kernel"}
+    stray = sorted("/".join(k) for k in new if k[:-1] not in kernels)
+    if stray:
+        raise LoraError(f"adapters {stray[:3]} adapt no kernel of this model (another model?)")
+    return traverse_util.unflatten_dict({**flat, **new})

@@ -19,6 +19,7 @@ from jaxgen import models, sample
 from jaxgen.data import tokenizer as tokenizer_lib
 from jaxgen.models import lora as lora_lib
 from jaxgen.train import checkpoint as checkpoint_lib
+from jaxgen.train import loop
 
 
 class _Run:
@@ -37,7 +38,7 @@ class _Run:
 
     def load(self) -> None:
         """Reads the checkpoint and the tokenizer (slow; after the cheap checks)."""
-        self.step, self.params = checkpoint_lib.load_params(self.workdir)
+        self.step, self.params = loop.load_run_params(self.workdir, self.config)
         if self.config.lora.rank:  # sampled from the merged model: the same function, faster
             self.params = lora_lib.merge(self.params, self.config.lora)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.workdir / "tokenizer")

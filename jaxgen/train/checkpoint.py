@@ -52,7 +52,7 @@ class CheckpointMismatch(CheckpointError):
 
 DAMAGED = "checkpoints_damaged"  # where `set_aside` moves unreadable checkpoints, per workdir
 # The identity keys a restore compares (the rest of `meta` is for people reading it).
-IDENTITY = ("config_hash", "data_manifest_hash")
+IDENTITY = ("config_hash", "data_manifest_hash", "lora_base")
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -267,7 +267,9 @@ class Checkpointer:
             return
         differ = [k for k in IDENTITY if k in saved and saved[k] != self.identity.get(k)]
         if differ:
-            describe = lambda m: ", ".join(f"{k}={m.get(k)}" for k in ("config", *IDENTITY))  # noqa: E731
+            describe = lambda m: ", ".join(  # noqa: E731
+                f"{k}={m[k]}" for k in ("config", *IDENTITY) if k in m
+            )
             raise CheckpointMismatch(
                 f"checkpoint {self.directory / str(step)} belongs to another run "
                 f"({', '.join(differ)} differ): it was saved by {describe(saved)}; this run is "

@@ -213,13 +213,42 @@ def config_hash(run: RunConfig) -> str:
 
 
 def run_identity(run: RunConfig, source: DataSource) -> dict[str, str]:
-    """What each checkpoint of this run records and a restore requires: the config's hash and
-    the prepared data's manifest hash (the config's name is for people reading it)."""
-    return {
+    """What each checkpoint of this run records and a restore requires: the config's hash, the
+    prepared data's manifest hash and, for adapters-only checkpoints, the base run they adapt
+    (the config's name is for people reading it)."""
+    identity = {
         "config": run.meta.name,
         "config_hash": config_hash(run),
         "data_manifest_hash": records.manifest_hash(source.manifest()),
     }
+    if adapters_only(run):
+        identity["lora_base"] = str(Path(run.train.init_from).expanduser().absolute())
+    return identity
+
+
+def adapters_only(run: RunConfig) -> bool:
+    """Whether the run's checkpoints hold only its LoRA adapters: the frozen base is a saved run
+    (train.init_from), read again on resume instead of stored at every step."""
+    return bool(run.lora.rank and run.train.init_from)
+
+
+def saved_state(run: RunConfig, state: Any) -> Any:
+    """The part of a TrainState (or of its shardings) that the run's checkpoints hold."""
+    if not adapters_only(run):
+        return state
+    return state.replace(params=lora_lib.adapters(state.params))
+
+
+def load_run_params(
+    workdir: str | os.PathLike, run: RunConfig, step: int | None = None
+) -> tuple[int, Any]:
+    """(step, the model's parameters) of a run's latest (or given) checkpoint, a LoRA run's
+    adapters joined to the base run they adapt."""
+    step, params = checkpoint_lib.load_params(workdir, step)
+    if adapters_only(run):
+        _, base = checkpoint_lib.load_params(run.train.init_from, model=run.model)
+        params = lora_lib.with_adapters(base, params)
+    return step, params
 
 
 def _agree_damaged(damaged: bool) -> bool:
@@ -241,7 +270,17 @@ def restore_or_init(
     before is tried (unless train.resume_damaged is False); its data position comes with it, so
     the resumed run repeats exactly the steps after that checkpoint.
     """
-    abstract = checkpoint_lib.abstract_like(state, trainer.shardings)
+    run = trainer.run
+    fresh = state
+    if run.train.init_from:
+        # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
+        _, params = checkpoint_lib.load_params(run.train.init_from, model=run.model)
+        if run.lora.rank:  # the base from init_from, the adapters freshly initialised
+            params = lora_lib.with_base(state.params, params)
+        fresh = state.replace(params=jax.device_put(params, trainer.shardings.params))
+    abstract = checkpoint_lib.abstract_like(
+        saved_state(run, state), saved_state(run, trainer.shardings)
+    )
     for step in ckpt.steps():
         error: checkpoint_lib.CheckpointDamaged | None = None
         try:
@@ -249,6 +288,9 @@ def restore_or_init(
         except checkpoint_lib.CheckpointDamaged as err:
             error = err
         if not _agree_damaged(error is not None):
+            if adapters_only(run):  # the saved adapters on the base run's parameters
+                params = lora_lib.with_adapters(fresh.params, restored.params)
+                restored = restored.replace(params=params)
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
             return restored, step, data_state
         if not trainer.run.train.resume_damaged:
@@ -267,15 +309,9 @@ def restore_or_init(
             moved,
             f"step {older[0]}" if older else "the start",
         )
-    init_from = trainer.run.train.init_from
-    if init_from:
-        # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
-        _, params = checkpoint_lib.load_params(init_from, model=trainer.run.model)
-        if trainer.run.lora.rank:  # the base from init_from, the adapters freshly initialised
-            params = lora_lib.with_base(state.params, params)
-        state = state.replace(params=jax.device_put(params, trainer.shardings.params))
-        log.info("initialised parameters from %s", init_from)
-    return state, 0, {}
+    if run.train.init_from:
+        log.info("initialised parameters from %s", run.train.init_from)
+    return fresh, 0, {}
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -324,7 +360,8 @@ def save(
 ) -> None:
     """Saves the state and the data position at `step`, never a state with a NaN loss."""
     check_finite(state, step, run, ckpt)
-    ckpt.save(step, state, {"phase": phase.index, "iterator": iterator.get_state()}, force=True)
+    data_state = {"phase": phase.index, "iterator": iterator.get_state()}
+    ckpt.save(step, saved_state(run, state), data_state, force=True)
     faults.at("save", step)  # the asynchronous write is under way
 
 
@@ -463,7 +500,7 @@ def eval_row(
     batches = eval_sets.batches(data)
     faults.at("eval", step)  # the eval set read, no eval row written
     metrics = evaluate(trainer, state.params, batches)
-    ckpt.save_best(step, state, metrics["loss"])
+    ckpt.save_best(step, saved_state(trainer.run, state), metrics["loss"])
     return writer.write(step, "eval", metrics)
 
 

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxgen import config as config_lib
 from jaxgen.data import prepare
@@ -398,19 +400,24 @@ def test_init_from_an_unrolled_run_into_a_scanned_model(bert_run, tmp_path, cach
 
 
 def test_lora_run_starts_from_the_base_and_trains_only_the_adapters(bert_run, tmp_path, cache_dir):
-    """lora.rank with train.init_from: step 0 evaluates as the base run's last step; after
-    training, every base parameter is bit-identical and the adapters moved."""
-    from flax import traverse_util
+    """lora.rank with train.init_from: step 0 evaluates as the base run's last step; checkpoints
+    hold only the adapters; a resumed run continues exactly; every base parameter is untouched."""
+    lora = [f"train.init_from={bert_run}", "lora.rank=4",
+            "lora.targets=[\"query\", \"value\", \"wi\"]", "optim.learning_rate=1e-2",
+            "optim.decay_steps=4", "train.checkpoint_every=2"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    loop.train(tiny_config("bert", cache_dir, *lora, "train.num_steps=4"), full)
+    assert losses(full, "eval")[0] == pytest.approx(losses(bert_run, "eval")[6], rel=1e-5)
+    loop.train(tiny_config("bert", cache_dir, *lora, "train.num_steps=2"), resumed)
+    loop.train(tiny_config("bert", cache_dir, *lora, "train.num_steps=4"), resumed)
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-5)
 
-    config = tiny_config(
-        "bert", cache_dir, f"train.init_from={bert_run}", "lora.rank=4",
-        "lora.targets=[\"query\", \"value\", \"wi\"]", "train.num_steps=3",
-        "optim.learning_rate=1e-2",
-    )  # fmt: skip
-    loop.train(config, tmp_path)
-    assert losses(tmp_path, "eval")[0] == pytest.approx(losses(bert_run, "eval")[6], rel=1e-5)
+    _, saved = checkpoint_lib.load_params(full)
+    leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+    assert leaves and all(str(path[-1].key) in ("lora_a", "lora_b") for path, _ in leaves)
+    run = config_lib.load_saved_config(full / "config.json")
+    _, tuned = loop.load_run_params(full, run)
     _, base = checkpoint_lib.load_params(bert_run)
-    _, tuned = checkpoint_lib.load_params(tmp_path)
     flat_base, flat_tuned = traverse_util.flatten_dict(base), traverse_util.flatten_dict(tuned)
     adapters = {k: v for k, v in flat_tuned.items() if k[-1] in ("lora_a", "lora_b")}
     assert {k[-2] for k in adapters} == {"query", "value", "wi"}

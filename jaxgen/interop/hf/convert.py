@@ -150,7 +150,9 @@ def export_workdir(
     if not config_file.is_file():
         raise InteropError(f"{config_file} not found: is {workdir} a jaxgen run directory?")
     run = config_lib.load_saved_config(config_file)
-    step, params = checkpoint_lib.load_params(workdir, step)
+    from jaxgen.train import loop  # the trainer, only for exports
+
+    step, params = loop.load_run_params(workdir, run, step)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     if run.lora.rank:  # the merged model, and the adapters for peft beside it
         base = str(Path(run.train.init_from).expanduser()) if run.train.init_from else ""
