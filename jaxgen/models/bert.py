@@ -96,7 +96,8 @@ class Bert(nn.Module):
     ) -> dict[str, jax.Array]:
         """ids, segment ids, mask `[B, T]` int32; masked_positions `[B, P]` or None (all T).
 
-        Returns {'mlm_logits': `[B, P, V]` (or `[B, T, V]`), 'nsp_logits': `[B, 2]`}, float32.
+        Returns {'mlm_logits': `[B, P, V]` (or `[B, T, V]`), 'nsp_logits': `[B, 2]`}, float32,
+        and 'classifier_logits' `[B, num_labels]` when model.num_labels > 0.
         """
         cfg, dtype = self.config, self.config.compute_dtype
         batch, length = input_ids.shape
@@ -166,4 +167,12 @@ class Bert(nn.Module):
         nsp_logits = Dense((2,), ("embed", None), std=cfg.init_std, dtype=dtype, name="nsp")(
             jnp.tanh(pooled)
         )  # [B, 2]
-        return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits.astype(jnp.float32)}
+        out = {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits.astype(jnp.float32)}
+        if cfg.num_labels:  # fine-tuning: BERT's "apart from output layers, the same"
+            h = Dropout(cfg.dropout)(jnp.tanh(pooled), deterministic=deterministic)
+            logits = Dense(
+                (cfg.num_labels,), ("embed", None), std=cfg.init_std, dtype=dtype,
+                name="classifier",
+            )(h)  # fmt: skip
+            out["classifier_logits"] = logits.astype(jnp.float32)  # [B, num_labels]
+        return out

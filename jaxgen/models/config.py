@@ -24,7 +24,9 @@ class ModelConfig(Section):
     its parameters stacked on a leading `layers` axis (`jaxgen.models.scan`); compile time stops
     growing with depth. layer_norm_eps None: the family's paper value. max_len: positions of the
     learned table (BERT, GPT); T5 has relative positions and max_len bounds its encoder input.
-    init_std: normal init of BERT and GPT (T5 uses fan-in).
+    init_std: normal init of BERT and GPT (T5 uses fan-in). num_labels (BERT): 0 for the
+    pretraining heads only; n > 0 adds `classifier_logits [B, n]` on the pooled [CLS] output
+    (HF BertForSequenceClassification; n = 1 is regression).
     """
 
     SECTION: ClassVar[str] = "model"
@@ -34,7 +36,7 @@ class ModelConfig(Section):
         "scan_layers", "layer_norm_eps",
     )  # fmt: skip
     FAMILY_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "bert": ("init_std", "type_vocab_size"),
+        "bert": ("init_std", "type_vocab_size", "num_labels"),
         "gpt": ("init_std", "norm_position", "sparse_attention", "local_window"),
         "t5": ("num_decoder_layers", "relative_attention_num_buckets",
                "relative_attention_max_distance", "feed_forward", "tie_embeddings"),
@@ -59,6 +61,7 @@ class ModelConfig(Section):
     init_std: float = 0.02
     # BERT
     type_vocab_size: int = 2
+    num_labels: int = 0  # > 0: a classifier on the pooled [CLS] output (1: regression)
     # GPT
     norm_position: str = "pre"
     sparse_attention: str = "none"  # 'alternating': GPT-3's locally banded odd layers
@@ -109,6 +112,7 @@ class ModelConfig(Section):
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         positive(self, "vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff")
         positive(self, "max_len", "type_vocab_size", "local_window", "num_decoder_layers")
+        require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
         choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         choice("model.attention", self.attention, ("xla", "flash", "auto"))
         choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)

@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, str] = {
     "BertForPreTraining": "bert",
     "BertModel": "bert",
     "BertForMaskedLM": "bert",
+    "BertForSequenceClassification": "bert",
     "GPT2LMHeadModel": "gpt",
     "GPT2Model": "gpt",
     "T5ForConditionalGeneration": "t5",
@@ -69,7 +70,15 @@ def _bert_from_hf(hf: Mapping[str, Any], arch: str, common: dict[str, Any]) -> d
         layer_norm_eps=float(_hf_get(hf, "layer_norm_eps", 1e-12)),
         init_std=float(_hf_get(hf, "initializer_range", 0.02)),
         type_vocab_size=_hf_get(hf, "type_vocab_size", 2),
+        num_labels=_num_labels(hf) if arch == "BertForSequenceClassification" else 0,
     )
+
+
+def _num_labels(hf: Mapping[str, Any]) -> int:
+    """A sequence classifier's outputs: id2label's size (HF's num_labels), 1 for regression."""
+    if hf.get("num_labels"):
+        return int(hf["num_labels"])
+    return len(hf.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})
 
 
 def _gpt_from_hf(hf: Mapping[str, Any], arch: str, common: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +180,18 @@ def _bert_to_hf(cfg: ModelConfig, base: dict[str, Any], ids: Mapping[str, Any]) 
         position_embedding_type="absolute",
         pad_token_id=ids.get("pad_token_id", 0),
         tie_word_embeddings=True,
+        **_classifier_to_hf(cfg),
     )
+
+
+def _classifier_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A classifier exports as BertForSequenceClassification (its MLM and NSP heads stay behind)."""
+    if not cfg.num_labels:
+        return {}
+    labels = {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+    problem = "regression" if cfg.num_labels == 1 else "single_label_classification"
+    return {"id2label": labels, "label2id": {v: k for k, v in labels.items()},
+            "problem_type": problem, "classifier_dropout": None}  # fmt: skip
 
 
 def _gpt_to_hf(cfg: ModelConfig, base: dict[str, Any], ids: Mapping[str, Any]) -> dict[str, Any]:
@@ -244,10 +264,17 @@ def hf_config_from_model(
 ) -> dict[str, Any]:
     """The HF config.json dict for a jaxgen `config.model` (raises where HF cannot express it)."""
     cfg = ModelConfig.from_mapping(model)
-    name, model_type = EXPORT[cfg.family]
+    name, model_type = export_architecture(cfg), EXPORT[cfg.family][1]
     base = {"architectures": [name], "model_type": model_type, "dtype": "float32",
             "vocab_size": cfg.vocab_size}  # fmt: skip
     return TO_HF[cfg.family](cfg, base, dict(token_ids or {}))
+
+
+def export_architecture(cfg: ModelConfig) -> str:
+    """The HF architecture a jaxgen model exports as (a BERT classifier: its own)."""
+    if cfg.family == "bert" and cfg.num_labels:
+        return "BertForSequenceClassification"
+    return EXPORT[cfg.family][0]
 
 
 def architecture(hf: Mapping[str, Any]) -> str:

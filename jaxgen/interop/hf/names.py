@@ -25,6 +25,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from jaxgen import models, objectives
+from jaxgen.interop.hf import architectures
 from jaxgen.interop.hf.errors import InteropError, unsupported
 from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
@@ -38,6 +39,11 @@ Params = dict[str, Any]
 OPTIONAL_PARAMS = {
     "BertModel": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/"),
     "BertForMaskedLM": ("pooler/", "nsp/"),
+    "BertForSequenceClassification": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/"),
+}
+# jaxgen parameters an exported architecture does not hold.
+NOT_EXPORTED = {
+    "BertForSequenceClassification": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/"),
 }
 # Non-parameter buffers that some checkpoints carry.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
@@ -164,6 +170,8 @@ def bert_rules(cfg: ModelConfig) -> list[Rule]:
     rules += _layer_norm("cls.predictions.transform.LayerNorm", "mlm_norm")
     rules += [_rule("cls.predictions.bias", "mlm_bias", SAME)]
     rules += _dense("cls.seq_relationship", "nsp")
+    if cfg.num_labels:
+        rules += _dense("classifier", "classifier")
     return rules
 
 
@@ -234,7 +242,7 @@ def _bert_names(name: str) -> str:
     name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
         "LayerNorm.beta", "LayerNorm.bias"
     )
-    return name if name.startswith(("bert.", "cls.")) else "bert." + name
+    return name if name.startswith(("bert.", "cls.", "classifier.")) else "bert." + name
 
 
 def _gpt_names(name: str) -> str:
@@ -384,7 +392,10 @@ def params_to_hf(params: Params, model: Mapping[str, Any] | ModelConfig) -> dict
                 f"the config's model expects {shape}"
             )
     tensors = {}
+    skipped = NOT_EXPORTED.get(architectures.export_architecture(cfg), ())
     for rule in _checked_rules(cfg, shapes):
+        if skipped and all(p.startswith(skipped) for p in rule.jax):
+            continue
         arrays = [np.asarray(flat[p], dtype=np.float32) for p in rule.jax]
         for name, value in zip(rule.hf, rule.transform.to_hf(arrays), strict=True):
             tensors[name] = np.ascontiguousarray(value)

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxgen import models, sample
 from jaxgen.interop import hf
-from tests.interop.hf.conftest import save, t5_model
+from tests.interop.hf.conftest import perturb, save, t5_model
 
 ATOL = 1e-4  # float32 end to end; both sides accumulate in float32
 
@@ -279,3 +279,36 @@ def test_t5_v11_with_tied_unscaled_head_gets_an_lm_head_copy(tmp_path):
     model_config, params = hf.load(path)
     assert not model_config.model.tie_embeddings
     np.testing.assert_array_equal(params["lm_head"]["kernel"], params["token_embed"]["embedding"].T)
+
+
+@pytest.mark.parametrize("num_labels", [3, 1], ids=["classifier", "regression"])
+def test_bert_sequence_classifier_converts_with_its_logits(num_labels, tmp_path):
+    """A HF BertForSequenceClassification gives jaxgen's classifier_logits, and exports back."""
+    config = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, num_labels=num_labels,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    reference = perturb(transformers.BertForSequenceClassification(config), 3)
+    loaded, params = hf.load(save(reference, tmp_path / "hf"))
+    assert loaded.model.num_labels == num_labels
+    batch = _bert_batch()
+    inputs = dict(input_ids=_long(batch["input_ids"]), token_type_ids=_long(batch["segment_ids"]),
+                  attention_mask=_long(batch["attention_mask"]))  # fmt: skip
+    out = jax.jit(models.build(loaded.model).apply)(
+        {"params": params}, batch["input_ids"], batch["segment_ids"], batch["attention_mask"]
+    )
+    assert out["classifier_logits"].shape == (2, num_labels)
+    np.testing.assert_allclose(out["classifier_logits"], reference(**inputs).logits.numpy(),
+                               atol=ATOL, rtol=0)  # fmt: skip
+    hf.save(loaded, params, tmp_path / "export")
+    again, info = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path / "export", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # no MLM/NSP heads
+    expected = reference.state_dict()
+    for name, value in again.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    # The same weights; torch's kernels may order a 1-wide output's sum differently.
+    torch.testing.assert_close(again.eval()(**inputs).logits, reference(**inputs).logits,
+                               rtol=0, atol=1e-6)  # fmt: skip
