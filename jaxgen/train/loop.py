@@ -260,6 +260,19 @@ def _agree_damaged(damaged: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(damaged))))
 
 
+def initial_state(trainer: Trainer, state: TrainState) -> TrainState:
+    """The freshly initialised `state` with train.init_from's parameters when it names a run (a
+    LoRA run: its base under fresh adapters), in the trainer's shardings."""
+    run = trainer.run
+    if not run.train.init_from:
+        return state
+    # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
+    _, params = checkpoint_lib.load_params(run.train.init_from, model=run.model)
+    if run.lora.rank:  # the base from init_from, the adapters freshly initialised
+        params = lora_lib.with_base(state.params, params)
+    return state.replace(params=jax.device_put(params, trainer.shardings.params))
+
+
 def restore_or_init(
     trainer: Trainer, state: TrainState, ckpt: checkpoint_lib.Checkpointer
 ) -> tuple[TrainState, int, dict[str, Any]]:
@@ -271,13 +284,6 @@ def restore_or_init(
     the resumed run repeats exactly the steps after that checkpoint.
     """
     run = trainer.run
-    fresh = state
-    if run.train.init_from:
-        # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
-        _, params = checkpoint_lib.load_params(run.train.init_from, model=run.model)
-        if run.lora.rank:  # the base from init_from, the adapters freshly initialised
-            params = lora_lib.with_base(state.params, params)
-        fresh = state.replace(params=jax.device_put(params, trainer.shardings.params))
     abstract = checkpoint_lib.abstract_like(
         saved_state(run, state), saved_state(run, trainer.shardings)
     )
@@ -289,8 +295,8 @@ def restore_or_init(
             error = err
         if not _agree_damaged(error is not None):
             if adapters_only(run):  # the saved adapters on the base run's parameters
-                params = lora_lib.with_adapters(fresh.params, restored.params)
-                restored = restored.replace(params=params)
+                base = initial_state(trainer, state).params
+                restored = restored.replace(params=lora_lib.with_adapters(base, restored.params))
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
             return restored, step, data_state
         if not trainer.run.train.resume_damaged:
@@ -309,6 +315,7 @@ def restore_or_init(
             moved,
             f"step {older[0]}" if older else "the start",
         )
+    fresh = initial_state(trainer, state)
     if run.train.init_from:
         log.info("initialised parameters from %s", run.train.init_from)
     return fresh, 0, {}

@@ -270,10 +270,14 @@ def hf_config_from_model(
     return TO_HF[cfg.family](cfg, base, dict(token_ids or {}))
 
 
+# family -> the architecture a model with a classifier head (model.num_labels > 0) exports as
+EXPORT_CLASSIFIER = {"bert": "BertForSequenceClassification"}
+
+
 def export_architecture(cfg: ModelConfig) -> str:
     """The HF architecture a jaxgen model exports as (a BERT classifier: its own)."""
-    if cfg.family == "bert" and cfg.num_labels:
-        return "BertForSequenceClassification"
+    if cfg.num_labels:
+        return EXPORT_CLASSIFIER[cfg.family]
     return EXPORT[cfg.family][0]
 
 
