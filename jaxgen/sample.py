@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxgen.models import scan
+
 Params = Any
 
 
@@ -304,8 +306,7 @@ def _reorder_cache(cache: Params, rows: jax.Array) -> Params:
     def take(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
         if leaf.ndim < 2:  # cache_index: a scalar, or [L] when stacked
             return leaf
-        stacked = any(str(getattr(p, "key", p)) == "layers" for p in path)
-        return jnp.take(leaf, rows, axis=1 if stacked else 0)
+        return jnp.take(leaf, rows, axis=1 if scan.in_stack(path) else 0)
 
     return jax.tree_util.tree_map_with_path(take, cache)
 

@@ -149,6 +149,12 @@ def _check_plain(params: Params) -> None:
         raise TypeError("stack_layers/unstack_layers take plain arrays: nn.meta.unbox them first")
 
 
+def in_stack(path: tuple[Any, ...]) -> bool:
+    """Whether a pytree key path (a parameter's, an optimizer moment's or a KV cache's) runs
+    through a scanned stack, so its leaf has the stacked `[L, ...]` axis first."""
+    return any(str(getattr(entry, "key", entry)) == STACKED for entry in path)
+
+
 def is_stacked(params: Params, model: ModelConfig) -> bool:
     """Whether `params` hold `model`'s layers stacked (`layers/...`) rather than unrolled
     (`layers_{i}/...`); raises LayerLayoutError when they hold neither."""

@@ -60,11 +60,9 @@ def stacked_labels(params: Any) -> Any:
     """ "stacked" for the leaves of scanned layer stacks (`[L, ...]`, under a `layers` key), else
     "other"."""
 
-    def label(path: tuple[Any, ...], _: Any) -> str:
-        keys = {str(getattr(entry, "key", entry)) for entry in path}
-        return "stacked" if scan.STACKED in keys else "other"
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "stacked" if scan.in_stack(path) else "other", params
+    )
 
 
 def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
