@@ -81,3 +81,19 @@ def test_brevity_penalty_is_t5xs():
 
     np.testing.assert_allclose(sample.brevity(jnp.array([1, 7]), 0.6), [1.0, 2.0**0.6], rtol=1e-6)
     np.testing.assert_allclose(sample.brevity(jnp.array([3]), 0.0), [1.0])
+
+
+def test_scanned_model_beams_as_the_unrolled_one(gpt_dir):
+    """The cache reorder takes beams along the rows axis of stacked caches too."""
+    import dataclasses
+
+    from jaxgen.models import scan
+
+    path, _ = gpt_dir
+    config, params = hf.load(path)
+    scanned = dataclasses.replace(config.model, scan_layers=True)
+    prompt = np.random.default_rng(7).integers(0, 99, (2, 4)).astype(np.int32)
+    want = sample.beam_search_gpt(models.build(config.model), params, prompt, max_new_tokens=8)
+    got = sample.beam_search_gpt(models.build(scanned), scan.stack_layers(params, scanned), prompt,
+                                 max_new_tokens=8)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
