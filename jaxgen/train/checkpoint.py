@@ -99,6 +99,11 @@ def _quiet_failed_reads() -> Iterator[None]:
     sys.unraisablehook = hook
     try:
         yield
+    except Exception as err:
+        while err is not None:  # releases the abandoned reads the tracebacks hold
+            traceback.clear_frames(err.__traceback__)
+            err = err.__cause__ or err.__context__
+        raise
     finally:
         gc.collect()
         sys.unraisablehook = previous
@@ -224,40 +229,33 @@ class Checkpointer:
         cannot be read.
         """
         where = self.directory / str(step)
-        self.check_identity(step)
-        self._check_layer_layout(step, abstract_state)
-        self._check_structure(step, abstract_state)
-        try:
-            with _quiet_failed_reads():
-                try:
-                    restored = self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            data=ocp.args.JsonRestore(),
-                        ),
-                    )
-                except Exception as err:
-                    traceback.clear_frames(err.__traceback__)  # releases the abandoned reads
-                    raise
-        except Exception as err:  # orbax raises many types; the user needs the path and the cause
-            raise CheckpointDamaged(
-                f"cannot restore checkpoint {where}: {_first_line(err)}"
-            ) from err
+        # The checks read the checkpoint's metadata, which may be as damaged as its arrays.
+        with _quiet_failed_reads():
+            self.check_identity(step)
+            self._check_layer_layout(step, abstract_state)
+            self._check_structure(step, abstract_state)
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as err:  # orbax raises many types; the user needs path and cause
+                raise CheckpointDamaged(
+                    f"cannot restore checkpoint {where}: {_first_line(err)}"
+                ) from err
         return restored["state"], restored["data"]
 
     def meta(self, step: int) -> dict[str, Any] | None:
         """What the checkpoint at `step` records about its run; None for one saved before jaxgen
         recorded it."""
-        path = self.directory / str(step) / "meta"
-        if not path.is_dir():
-            return None
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-                "meta"
-            ]
+            return _read_meta(self.manager, self.directory, step)
         except Exception as err:
-            raise CheckpointDamaged(f"cannot read {path}: {_first_line(err)}") from err
+            where = self.directory / str(step) / "meta"
+            raise CheckpointDamaged(f"cannot read {where}: {_first_line(err)}") from err
 
     def check_identity(self, step: int) -> None:
         """Raises CheckpointMismatch when the checkpoint at `step` belongs to another run or data
@@ -459,6 +457,13 @@ def verify(workdir: str | os.PathLike, config_hash: str | None = None) -> list[S
     return checks
 
 
+def _read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dict | None:
+    """The `meta` item of the checkpoint at `step`; None for one saved before it existed."""
+    if not (directory / str(step) / "meta").is_dir():
+        return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def _verify_step(
     manager: ocp.CheckpointManager, directory: Path, step: int, config_hash: str | None
 ) -> StepCheck:
@@ -466,10 +471,7 @@ def _verify_step(
     check = lambda status, detail: StepCheck(str(directory), step, status, detail)  # noqa: E731
     try:
         with _quiet_failed_reads():
-            meta = {}
-            if (where / "meta").is_dir():
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                meta = meta["meta"]
+            meta = _read_meta(manager, directory, step) or {}
             if config_hash and meta.get("config_hash", config_hash) != config_hash:
                 return check(
                     "other run",
@@ -484,11 +486,7 @@ def _verify_step(
             args = {"state": ocp.args.StandardRestore(abstract)}
             if (where / "data").is_dir():
                 args["data"] = ocp.args.JsonRestore()
-            try:
-                items = manager.restore(step, args=ocp.args.Composite(**args))
-            except Exception as err:
-                traceback.clear_frames(err.__traceback__)
-                raise
+            items = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as err:
         return check("damaged", _first_line(err))
     leaves = jax.tree.leaves(items["state"])
