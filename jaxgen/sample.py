@@ -114,8 +114,24 @@ def sample_gpt(
 
     All rows share the prompt length P. After a row emits `eos_id` it keeps emitting `eos_id`.
     """
+    prompt = _gpt_prompt(module, prompt, max_new_tokens)
+    settings = _settings(temperature, top_k, top_p)
+    eos = jnp.int32(-1 if eos_id is None else eos_id)
+    return _sample_gpt(
+        module,
+        nn.meta.unbox(params),
+        prompt,
+        jax.random.key(seed),
+        settings,
+        eos,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _gpt_prompt(module: nn.Module, prompt: Any, max_new_tokens: int) -> jax.Array:
+    """The prompts `[B, P]` as int32, checked against the vocabulary and the model's context."""
     prompt = _tokens(prompt, "prompt", module.config.vocab_size)
-    batch, prompt_len = prompt.shape
+    prompt_len = prompt.shape[1]
     if prompt_len == 0:
         raise ValueError(
             "the GPT prompt is empty: give at least one token (e.g. the end-of-text token)"
@@ -128,17 +144,7 @@ def sample_gpt(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"context max_len={max_len}; shorten the prompt or generate fewer tokens"
         )
-    settings = _settings(temperature, top_k, top_p)
-    eos = jnp.int32(-1 if eos_id is None else eos_id)
-    return _sample_gpt(
-        module,
-        nn.meta.unbox(params),
-        prompt,
-        jax.random.key(seed),
-        settings,
-        eos,
-        max_new_tokens=max_new_tokens,
-    )
+    return prompt
 
 
 def _gpt_decoder(module: nn.Module, params: Params, batch: int, total: int) -> tuple[Any, Params]:
@@ -217,17 +223,9 @@ def decode_t5(
     The decoder starts from `decoder_start_id` (T5: pad, 0), which is not part of the output; after
     `eos_id` a row emits `pad_id`. The encoder runs once; the decoder uses its KV cache.
     """
-    encoder_input_ids = _tokens(encoder_input_ids, "encoder_input_ids", module.config.vocab_size)
-    if encoder_input_ids.shape[1] == 0:
-        raise ValueError("encoder_input_ids is empty: give at least one token")
-    if encoder_mask is not None:
-        encoder_mask = _tokens(encoder_mask, "encoder_mask")
-        if encoder_mask.shape != encoder_input_ids.shape:
-            raise ValueError(
-                f"encoder_mask must be {encoder_input_ids.shape}; got {encoder_mask.shape}"
-            )
-    if max_decode_len < 1:
-        raise ValueError(f"max_decode_len must be >= 1; got {max_decode_len}")
+    encoder_input_ids, encoder_mask = _t5_inputs(
+        module, encoder_input_ids, encoder_mask, max_decode_len
+    )
     specials = jnp.array([decoder_start_id, -1 if eos_id is None else eos_id, pad_id], jnp.int32)
     return _decode_t5(
         module,
@@ -239,6 +237,44 @@ def decode_t5(
         specials,
         max_decode_len=max_decode_len,
     )
+
+
+def _t5_inputs(
+    module: nn.Module, encoder_input_ids: Any, encoder_mask: Any | None, max_decode_len: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """Encoder ids `[B, S]` and mask as int32, checked against the vocabulary and each other."""
+    encoder_input_ids = _tokens(encoder_input_ids, "encoder_input_ids", module.config.vocab_size)
+    if encoder_input_ids.shape[1] == 0:
+        raise ValueError("encoder_input_ids is empty: give at least one token")
+    if encoder_mask is not None:
+        encoder_mask = _tokens(encoder_mask, "encoder_mask")
+        if encoder_mask.shape != encoder_input_ids.shape:
+            raise ValueError(
+                f"encoder_mask must be {encoder_input_ids.shape}; got {encoder_mask.shape}"
+            )
+    if max_decode_len < 1:
+        raise ValueError(f"max_decode_len must be >= 1; got {max_decode_len}")
+    return encoder_input_ids, encoder_mask
+
+
+def _t5_decoder(
+    module: nn.Module, params: Params, encoded: jax.Array, mask: jax.Array | None, length: int
+) -> tuple[Any, Params]:
+    """(forward(cache, tokens `[B]`) -> (logits of the next `[B, V]`, cache), a zero KV cache)
+    for decoding up to `length` tokens after the encoder output `encoded [B, S, D]`."""
+
+    def forward(cache: Params, tokens: jax.Array) -> tuple[jax.Array, Params]:
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache}, encoded, tokens[:, None], mask, decode=True,
+            method="decode", mutable=["cache"],
+        )  # fmt: skip
+        return logits[:, 0], mutated["cache"]
+
+    full = jnp.zeros((encoded.shape[0], length), jnp.int32)
+    cache = _zeros_cache(
+        lambda: module.init(jax.random.key(0), encoded, full, mask, decode=True, method="decode")
+    )
+    return forward, cache
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_decode_len"))
@@ -255,34 +291,23 @@ def _decode_t5(
 ) -> jax.Array:
     decoder_start_id, eos_id, pad_id = specials[0], specials[1], specials[2]
     batch = encoder_input_ids.shape[0]
-    variables = {"params": params}
-    encoded = module.apply(variables, encoder_input_ids, encoder_mask, method="encode")  # [B, S, D]
-    full = jnp.zeros((batch, max_decode_len), jnp.int32)
-    cache = _zeros_cache(
-        lambda: module.init(
-            jax.random.key(0), encoded, full, encoder_mask, decode=True, method="decode"
-        )
-    )
+    encoded = module.apply(
+        {"params": params}, encoder_input_ids, encoder_mask, method="encode"
+    )  # [B, S, D]
+    forward, cache = _t5_decoder(module, params, encoded, encoder_mask, max_decode_len)
 
     def step(i: jax.Array, carry: tuple) -> tuple:
         out, cache, token, done = carry
-        logits, mutated = module.apply(
-            {"params": params, "cache": cache},
-            encoded,
-            token[:, None],
-            encoder_mask,
-            decode=True,
-            method="decode",
-            mutable=["cache"],
-        )  # [B, 1, V]
-        token = choose_tokens(jax.random.fold_in(rng, i), logits[:, 0], *settings)  # [B]
+        logits, cache = forward(cache, token)  # [B, V]
+        token = choose_tokens(jax.random.fold_in(rng, i), logits, *settings)  # [B]
         token = jnp.where(done, pad_id, token)
         done = done | (token == eos_id)  # eos_id -1 (none) never matches
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        return out, mutated["cache"], token, done
+        return out, cache, token, done
 
     start = jnp.full((batch,), decoder_start_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
+    full = jnp.zeros((batch, max_decode_len), jnp.int32)
     out, *_ = jax.lax.fori_loop(0, max_decode_len, step, (full, cache, start, done))
     return out
 
@@ -397,15 +422,8 @@ def beam_search_gpt(
 ) -> jax.Array:
     """The best of `num_beams` beams continuing prompts `[B, P]` -> `[B, P + max_new_tokens]`
     int32 (`pad_id` after a beam's `eos_id`); alpha: t5x's brevity penalty."""
-    prompt = _tokens(prompt, "prompt", module.config.vocab_size)
-    if prompt.shape[1] == 0:
-        raise ValueError("the GPT prompt is empty: give at least one token")
+    prompt = _gpt_prompt(module, prompt, max_new_tokens)
     _check_beams(num_beams, alpha)
-    if prompt.shape[1] + max_new_tokens > module.config.max_len:
-        raise ValueError(
-            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
-            f"model's context max_len={module.config.max_len}"
-        )
     specials = jnp.array([-1 if eos_id is None else eos_id, pad_id], jnp.int32)
     new = _beam_gpt(module, nn.meta.unbox(params), prompt, specials, max_new_tokens=max_new_tokens,
                     num_beams=num_beams, alpha=float(alpha))  # fmt: skip
@@ -447,13 +465,9 @@ def beam_search_t5(
 ) -> jax.Array:
     """The best of `num_beams` beams decoding encoder ids `[B, S]` -> `[B, max_decode_len]` int32
     (without the start token; `pad_id` after `eos_id`); alpha: t5x's brevity penalty."""
-    encoder_input_ids = _tokens(encoder_input_ids, "encoder_input_ids", module.config.vocab_size)
-    if encoder_input_ids.shape[1] == 0:
-        raise ValueError("encoder_input_ids is empty: give at least one token")
-    if encoder_mask is not None:
-        encoder_mask = _tokens(encoder_mask, "encoder_mask")
-    if max_decode_len < 1:
-        raise ValueError(f"max_decode_len must be >= 1; got {max_decode_len}")
+    encoder_input_ids, encoder_mask = _t5_inputs(
+        module, encoder_input_ids, encoder_mask, max_decode_len
+    )
     _check_beams(num_beams, alpha)
     specials = jnp.array([decoder_start_id, -1 if eos_id is None else eos_id, pad_id], jnp.int32)
     return _beam_t5(module, nn.meta.unbox(params), encoder_input_ids, encoder_mask, specials,
@@ -477,18 +491,7 @@ def _beam_t5(
     encoded = module.apply({"params": params}, encoder_input_ids, encoder_mask, method="encode")
     encoded = jnp.repeat(encoded, num_beams, axis=0)  # [B*K, S, D]
     mask = None if encoder_mask is None else jnp.repeat(encoder_mask, num_beams, axis=0)
-    full = jnp.zeros((encoded.shape[0], max_decode_len), jnp.int32)
-
-    def forward(cache: Params, tokens: jax.Array) -> tuple[jax.Array, Params]:
-        logits, mutated = module.apply(
-            {"params": params, "cache": cache}, encoded, tokens[:, None], mask, decode=True,
-            method="decode", mutable=["cache"],
-        )  # fmt: skip
-        return logits[:, 0], mutated["cache"]
-
-    cache = _zeros_cache(
-        lambda: module.init(jax.random.key(0), encoded, full, mask, decode=True, method="decode")
-    )
+    forward, cache = _t5_decoder(module, params, encoded, mask, max_decode_len)
     logits, cache = forward(cache, jnp.full((encoded.shape[0],), specials[0], jnp.int32))
     step_fn = lambda c, t, i: forward(c, t)  # noqa: E731
     return _beam_search(step_fn, cache, logits, batch, num_beams, max_decode_len,
