@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxgen.train.faults import ENV as FAULT_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "faults.json"
 BLOCK = re.compile(r"(<!-- faults:begin -->\n)(.*?)(<!-- faults:end -->)", re.S)
@@ -127,9 +129,6 @@ class Env:
             os.killpg(proc.pid, signal.SIGKILL)
             _, stderr = proc.communicate()
         return Run(proc.returncode, stderr, time.perf_counter() - start)
-
-
-FAULT_ENV = "JAXGEN_FAULT"
 
 
 class Run:

@@ -126,7 +126,7 @@ def _beams(settings: dict[str, Any], num_samples: int) -> bool:
                 "--length_penalty is the beam search's brevity penalty: add --beam_size"
             )
         return False
-    sampling = sorted(set(settings) & {"temperature", "top_k", "top_p", "seed"})
+    sampling = sorted(set(settings) & set(_SAMPLING))
     if sampling:
         raise ValueError(
             f"beam search (--beam_size) is deterministic: drop {', '.join(sampling)} (or --greedy)"
@@ -164,7 +164,8 @@ def _bert(run: _Run, prompt: str, num_samples: int, length: int, **settings: Any
     return [run.text(row[1:-1]) for row in np.asarray(out)]
 
 
-_DECODING = ("temperature", "top_k", "top_p", "seed", "num_beams", "alpha")
+_SAMPLING = ("temperature", "top_k", "top_p", "seed")
+_DECODING = (*_SAMPLING, "num_beams", "alpha")
 # family -> (generator, the keyword it takes for the generated length, the settings it takes)
 GENERATORS: dict[str, tuple[Callable[..., list[str]], str, tuple[str, ...]]] = {
     "bert": (_bert, "length", ("temperature", "top_k", "top_p", "seed", "num_sweeps", "order")),
