@@ -132,6 +132,13 @@ _BINARY = ("0", "1")
 _NLI = ("contradiction", "entailment", "neutral")
 _ENTAILMENT = ("entailment", "not_entailment")
 
+
+def _mnli(which: str, submission: str) -> GlueTask:
+    """MNLI's matched or mismatched evaluation: one train set, its own dev and test files."""
+    return _glue_task("MNLI", _NLI, Columns(8, 9, -1), Columns(8, 9), submission,
+                      dev=f"dev_{which}.tsv", test=f"test_{which}.tsv")  # fmt: skip
+
+
 GLUE_TASKS: dict[str, GlueTask] = {
     # CoLA train/dev: source, label, original mark, sentence; no header. Test: index, sentence.
     "cola": _glue_task(
@@ -147,24 +154,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
         "QQP", _BINARY, Columns(3, 4, 5), Columns(1, 2), "QQP.tsv", skip_short_rows=True
     ),
     # index, promptID, pairID, genre, 4 parses, sentence1, sentence2, label1[..5], gold_label.
-    "mnli": _glue_task(
-        "MNLI",
-        _NLI,
-        Columns(8, 9, -1),
-        Columns(8, 9),
-        "MNLI-m.tsv",
-        dev="dev_matched.tsv",
-        test="test_matched.tsv",
-    ),
-    "mnli_mismatched": _glue_task(
-        "MNLI",
-        _NLI,
-        Columns(8, 9, -1),
-        Columns(8, 9),
-        "MNLI-mm.tsv",
-        dev="dev_mismatched.tsv",
-        test="test_mismatched.tsv",
-    ),
+    "mnli": _mnli("matched", "MNLI-m.tsv"),
+    "mnli_mismatched": _mnli("mismatched", "MNLI-mm.tsv"),
     "qnli": _glue_task("QNLI", _ENTAILMENT, Columns(1, 2, -1), Columns(1, 2), "QNLI.tsv"),
     "rte": _glue_task("RTE", _ENTAILMENT, Columns(1, 2, -1), Columns(1, 2), "RTE.tsv"),
     "wnli": _glue_task("WNLI", _BINARY, Columns(1, 2, -1), Columns(1, 2), "WNLI.tsv"),
