@@ -232,8 +232,7 @@ class Checkpointer:
         # The checks read the checkpoint's metadata, which may be as damaged as its arrays.
         with _quiet_failed_reads():
             self.check_identity(step)
-            self._check_layer_layout(step, abstract_state)
-            self._check_structure(step, abstract_state)
+            self._check_fits(step, abstract_state)
             try:
                 restored = self.manager.restore(
                     step,
@@ -293,34 +292,29 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def _check_layer_layout(self, step: int, abstract_state: TrainState) -> None:
-        """Raises CheckpointError when the checkpoint stacks its layers and the model does not, or
-        the other way round (orbax's own error would blame a corrupt directory)."""
+    def _check_fits(self, step: int, abstract_state: TrainState) -> None:
+        """Raises CheckpointMismatch when the checkpoint holds another train state than the run
+        builds: its layers stacked otherwise (model.scan_layers; orbax's own error would blame a
+        corrupt directory), or other leaves or shapes (an optimizer, model or lora setting
+        changed). A readable checkpoint is never taken for a damaged one."""
         try:
-            saved = self.manager.item_metadata(step)["state"].tree["params"]
+            saved = self.manager.item_metadata(step)["state"].tree
         except Exception:  # unreadable metadata: restore itself reports what is wrong
             return
-        mismatch = layer_layout_mismatch(saved, abstract_state.params)
+        where = self.directory / str(step)
+        params = saved.get("params") if isinstance(saved, Mapping) else None
+        mismatch = params is not None and layer_layout_mismatch(params, abstract_state.params)
         if mismatch:
-            raise CheckpointError(
-                f"cannot restore checkpoint {self.directory / str(step)}: {mismatch}. Resume with "
+            raise CheckpointMismatch(
+                f"cannot restore checkpoint {where}: {mismatch}. Resume with "
                 "the model.scan_layers it was saved with, or start a new run from its parameters "
                 f"with train.init_from={self.directory.parent} (load_params converts them; the "
                 "optimizer state starts afresh)"
             )
-
-    def _check_structure(self, step: int, abstract_state: TrainState) -> None:
-        """Raises CheckpointMismatch when the checkpoint holds another train state than the run
-        builds (an optimizer, model or lora setting changed): a readable checkpoint is never
-        taken for a damaged one."""
-        try:
-            saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
-        except Exception:  # unreadable metadata: restore itself reports what is wrong
-            return
-        differ = structure_mismatch(saved, abstract_state)
+        differ = structure_mismatch(ocp.tree.to_flat_dict(saved), abstract_state)
         if differ:
             raise CheckpointMismatch(
-                f"cannot restore checkpoint {self.directory / str(step)}: it holds another train "
+                f"cannot restore checkpoint {where}: it holds another train "
                 f"state than this run builds ({differ}); an optimizer, model or lora setting "
                 "changed since it was saved. Resume with the settings it was saved with (its "
                 "config.json), or start a new --workdir with "
