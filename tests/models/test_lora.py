@@ -66,20 +66,23 @@ def test_adapted_model_starts_as_the_base_and_merges_exactly(family, scanned):
     base, adapted = models.build(cfg), models.build(cfg, EVERY)
     params = _init(adapted, family)
     inputs = _inputs(family)
+    # Each compiled once and called twice (eager op-by-op calls of a T5 take seconds each).
+    run_base = jax.jit(lambda p: base.apply({"params": p}, **inputs))
+    run_adapted = jax.jit(lambda p: adapted.apply({"params": p}, **inputs))
     adapters, total = lora.count(params)
     assert 0 < adapters < total
     # B starts at zero: step-0 outputs are the base model's, bit for bit.
     frozen = _without_adapters(params)
-    want = _logits(base.apply({"params": frozen}, **inputs))
-    got = _logits(adapted.apply({"params": params}, **inputs))
+    want = _logits(run_base(frozen))
+    got = _logits(run_adapted(params))
     for w, g in zip(want, got, strict=True):
         np.testing.assert_array_equal(g, w)
     # Trained adapters: the unmerged model equals the base model with the adapters folded in.
     trained = _random_b(params)
-    unmerged = _logits(adapted.apply({"params": trained}, **inputs))
+    unmerged = _logits(run_adapted(trained))
     merged_params = lora.merge(trained, EVERY)
     assert jax.tree.structure(merged_params) == jax.tree.structure(frozen)
-    merged = _logits(base.apply({"params": merged_params}, **inputs))
+    merged = _logits(run_base(merged_params))
     moved = max(float(jnp.max(jnp.abs(u - w))) for u, w in zip(unmerged, want, strict=True))
     assert moved > 1e-3  # the adapters do change the output
     for u, m in zip(unmerged, merged, strict=True):
