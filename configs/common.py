@@ -39,6 +39,12 @@ def data(family: str, **values: Any) -> ml_collections.ConfigDict:
     return _section(cls, cls.keys(), values)
 
 
+def task_data(family: str, **values: Any) -> ml_collections.ConfigDict:
+    """`config.data` of a fine-tuning run: the task objective's keys (values must name the task)."""
+    cls = objectives.for_data(family, values).Data
+    return _section(cls, cls.keys(), values)
+
+
 def optim(name: str, **values: Any) -> ml_collections.ConfigDict:
     """`config.optim` of one optimizer (adamw or adafactor): the shared keys and its own."""
     config_lib.choice("optim.name", name, config_lib.OPTIMIZERS)

@@ -2,6 +2,7 @@
 
     python experiments/bench_train_step.py                     # bert, gpt and t5 mini rows
     python experiments/bench_train_step.py --config configs/bert.py:mini --steps 10
+    python experiments/bench_train_step.py --config configs/finetune.py:sst2@mini  # bert-cls
 
 For each config it measures, in one process: the steady-state jitted train step (synthetic batches
 of the real shapes), tokens/s, MFU = model FLOPs per step / (step time x measured matmul FLOP/s of
@@ -9,6 +10,13 @@ this device, and on TPU/GPU also x the published peak), the same step for the Hu
 model of the same size with AdamW when `torch` and `transformers` are installed, and the data
 pipeline alone (raw text to device-ready batches). The last line per family reads
 `RESULT family=<f> tokens_per_sec=<n> peer_tokens_per_sec=<n|none> ratio=<x|none> mfu=<fraction>`.
+
+A fine-tuning config (`configs/finetune.py:sst2@mini`, a default row: BERT-Mini sequence
+classification, batch 32 x 128) is measured beside HF `BertForSequenceClassification` with the
+same AdamW and clipping, and again with LoRA (rank 8 on query and value, the head trained): its
+line is `RESULT family=bert-cls tokens_per_sec=<n> peer_tokens_per_sec=<n> ratio=<x>
+lora_tokens_per_sec=<n> lora_vs_full=<x> optimizer_state_ratio=<x>` (full fine-tuning's optimizer
+state bytes over LoRA's).
 
 Like the `jaxgen` command, the script first re-executes itself with glibc malloc on transparent
 huge pages (`jaxgen.host`; `JAXGEN_HOST_HUGEPAGES=0` turns it off); the PyTorch peer runs in the
@@ -40,7 +48,9 @@ from jaxgen import host, models, objectives, parallel
 from jaxgen.train import optim
 from jaxgen.train import step as step_lib
 
-DEFAULT_CONFIGS = ("configs/bert.py:mini", "configs/gpt.py:mini", "configs/t5.py:mini")
+DEFAULT_CONFIGS = ("configs/bert.py:mini", "configs/gpt.py:mini", "configs/t5.py:mini",
+                   "configs/finetune.py:sst2@mini")  # fmt: skip
+LORA = ["lora.rank=8", "lora.alpha=16"]
 # Published dense bf16 peaks, for MFU against the datasheet on accelerators.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -81,7 +91,7 @@ def decoder_length(config: Any) -> int:
 
 def synthetic_batch(config: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A batch with the real keys and shapes of the config's objective (its synthetic_batch)."""
-    objective = objectives.get(config.family)
+    objective = objectives.of_run(config)
     return objective.synthetic_batch(config.model, config.data, config.train.batch_size, rng)
 
 
@@ -90,6 +100,13 @@ def model_flops_per_step(config: Any) -> float:
     m, b, t = config.model, config.train.batch_size, config.data.seq_len
     d, attn, f, v = m.d_model, m.num_heads * m.head_dim, m.d_ff, m.vocab_size
     attn_params = 4 * d * attn
+    if objectives.is_task(config):  # BERT classification: the encoder, pooler and classifier
+        layer = attn_params + 2 * d * f
+        return (
+            6 * m.num_layers * layer * b * t
+            + 12 * m.num_layers * attn * t * b * t
+            + (6 * (d * d + d * m.num_labels) * b)
+        )
     if m.family == "bert":
         layer = attn_params + 2 * d * f
         predictions = b * config.data.max_predictions
@@ -133,7 +150,7 @@ def bench_jaxgen(config: Any, steps: int, warmup: int) -> Measurement:
     """Steady-state seconds per jitted train step on the config's mesh."""
     mesh = parallel.make_mesh(config.mesh)
     module = models.build(config.model)
-    objective = objectives.get(config.model.family)
+    objective = objectives.of_run(config)
     optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
     schedule = optim.make_schedule(config.optim, config.train.num_steps)
     batch = synthetic_batch(config, np.random.default_rng(0))
@@ -154,6 +171,24 @@ def bench_jaxgen(config: Any, steps: int, warmup: int) -> Measurement:
     return Measurement(time_fn(run, steps, warmup), tokens_per_step(config))
 
 
+def bench_fine_tuning(config: Any, steps: int, warmup: int) -> tuple[Measurement, int]:
+    """(the train step's time, its optimizer state's bytes) of a fine-tuning config, with the
+    trainer a run builds (LoRA's frozen base and adapters-only optimizer included)."""
+    from jaxgen.train import loop
+
+    mesh = parallel.make_mesh(config.mesh)
+    trainer, state = loop.build_trainer(config, mesh)
+    device_batch = parallel.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
+    holder = {"state": state}
+
+    def run() -> None:
+        holder["state"], metrics = trainer.train_step(holder["state"], device_batch)
+        jax.block_until_ready(metrics["loss"])
+
+    opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.opt_state))
+    return Measurement(time_fn(run, steps, warmup), tokens_per_step(config)), opt_bytes
+
+
 def bench_peer(config: Any, steps: int, warmup: int) -> Measurement | None:
     """The same step for HuggingFace's PyTorch model of the same size, or None without torch."""
     try:
@@ -166,7 +201,20 @@ def bench_peer(config: Any, steps: int, warmup: int) -> Measurement | None:
     m, b, t = config.model, config.train.batch_size, config.data.seq_len
     batch = synthetic_batch(config, np.random.default_rng(0))
     tensor = lambda key: torch.from_numpy(batch[key]).long()
-    if m.family == "bert":
+    if objectives.is_task(config):
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+                num_attention_heads=m.num_heads, intermediate_size=m.d_ff,
+                max_position_embeddings=m.max_len, hidden_dropout_prob=m.dropout,
+                attention_probs_dropout_prob=m.attention_dropout, num_labels=m.num_labels,
+            )
+        )  # fmt: skip
+        inputs = dict(
+            input_ids=tensor("input_ids"), token_type_ids=tensor("segment_ids"),
+            attention_mask=tensor("attention_mask"), labels=tensor("label"),
+        )  # fmt: skip
+    elif m.family == "bert":
         model = transformers.BertForPreTraining(
             transformers.BertConfig(
                 vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
@@ -207,8 +255,9 @@ def bench_peer(config: Any, steps: int, warmup: int) -> Measurement | None:
         )  # fmt: skip
     model.train()
     opt = torch.optim.AdamW(
-        model.parameters(), lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
-    )
+        model.parameters(), lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay,
+        eps=getattr(config.optim, "eps", 1e-8),
+    )  # fmt: skip
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
@@ -245,6 +294,35 @@ def bench_pipeline(config: Any, batches: int) -> tuple[float, float]:
     return batches * run.train.batch_size / steady, first
 
 
+def report_fine_tuning(spec: str, args: argparse.Namespace, measured: float) -> str:
+    """Prints a fine-tuning config's full and LoRA steps beside HF's; returns its RESULT line."""
+    config = config_lib.load_config(spec)
+    lora = config_lib.load_config(spec, LORA)
+    full, full_bytes = bench_fine_tuning(config, args.steps, args.warmup)
+    adapted, lora_bytes = bench_fine_tuning(lora, args.steps, args.warmup)
+    peer = None if args.no_peer else bench_peer(config, args.steps, args.warmup)
+    flops = model_flops_per_step(config)
+    print(f"\n== {spec}: batch {config.train.batch_size} x seq {config.data.seq_len}, "
+          f"{flops / 1e9:.1f} GFLOP/step, {config.model.num_labels} classes")  # fmt: skip
+    print(f"jaxgen : {full.step_seconds * 1e3:8.1f} ms/step {full.tokens_per_sec:10.0f} tokens/s "
+          f"MFU {flops / full.step_seconds / measured:.1%}, optimizer state "
+          f"{full_bytes / 2**20:.1f} MiB")  # fmt: skip
+    print(f"LoRA r8: {adapted.step_seconds * 1e3:8.1f} ms/step {adapted.tokens_per_sec:10.0f} "
+          f"tokens/s, optimizer state {lora_bytes / 2**20:.2f} MiB "
+          f"({full_bytes / lora_bytes:.0f}x smaller)")  # fmt: skip
+    ratio = f"{full.tokens_per_sec / peer.tokens_per_sec:.2f}" if peer else "none"
+    if peer:
+        print(f"PyTorch: {peer.step_seconds * 1e3:8.1f} ms/step {peer.tokens_per_sec:10.0f} "
+              f"tokens/s -> jaxgen is {ratio}x")  # fmt: skip
+    return (
+        f"RESULT family=bert-cls tokens_per_sec={full.tokens_per_sec:.0f} "
+        f"peer_tokens_per_sec={f'{peer.tokens_per_sec:.0f}' if peer else 'none'} ratio={ratio} "
+        f"lora_tokens_per_sec={adapted.tokens_per_sec:.0f} "
+        f"lora_vs_full={adapted.tokens_per_sec / full.tokens_per_sec:.2f} "
+        f"optimizer_state_ratio={full_bytes / lora_bytes:.1f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", help="configs/<family>.py:<row> (repeatable)")
@@ -267,6 +345,9 @@ def main() -> None:
     results = []
     for spec in args.config or DEFAULT_CONFIGS:
         config = config_lib.load_config(spec)
+        if objectives.is_task(config):
+            results.append(report_fine_tuning(spec, args, measured))
+            continue
         family = config.model.family
         flops = model_flops_per_step(config)
         ours = bench_jaxgen(config, args.steps, args.warmup)

@@ -27,6 +27,10 @@ def _config_overrides(extra: list[str], command: str) -> list[str]:
     return extra
 
 
+def _metric(key: str, value: object) -> str:
+    return f"{key}={value:.4g}" if isinstance(value, (int, float)) else f"{key}={value}"
+
+
 def _no_extra(extra: list[str], command: str) -> None:
     if extra:
         raise UsageError(f"jaxgen {command}: unrecognized arguments: {' '.join(extra)}")
@@ -41,17 +45,23 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = _config_overrides(extra, "train")
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from jaxgen import config as config_lib
-    from jaxgen.train import loop
+    from jaxgen import objectives
+    from jaxgen.train import finetune, loop
 
     run = config_lib.load_config(args.config, overrides)
     try:
-        rows = loop.train(run, args.workdir)
+        if objectives.is_task(run):  # a config whose data names a task fine-tunes on it
+            results = finetune.finetune(run, args.workdir)
+            rows = [results["best"]]
+            print(f"best eval at step {results['best_step']} of {results['num_steps']}:")
+        else:
+            rows = loop.train(run, args.workdir)
     except loop.Preempted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130
     if rows:
         print(
-            "final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[-1].items() if k != "split")
+            "final eval: " + ", ".join(_metric(k, v) for k, v in rows[-1].items() if k != "split")
         )
     return 0
 

@@ -200,7 +200,9 @@ class OptimConfig(Section):
 
     schedule: linear warmup over warmup_steps, then `linear` (to final_lr_fraction of the peak over
     decay_steps, 0 = train.num_steps), `cosine` (likewise), `rsqrt` (T5: the peak held for
-    warmup_steps, then 1/sqrt(step)) or `constant`. clip_norm: global gradient norm (0 = off).
+    warmup_steps, then 1/sqrt(step)) or `constant`. warmup_ratio: warmup as a fraction of
+    train.num_steps instead (BERT fine-tuning's 0.1; set one of the two). clip_norm: global
+    gradient norm (0 = off).
     """
 
     SECTION: ClassVar[str] = "optim"
@@ -209,6 +211,7 @@ class OptimConfig(Section):
     learning_rate: float = 1e-4
     schedule: str = "linear"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     decay_steps: int = 0
     final_lr_fraction: float = 0.0
     weight_decay: float = 0.0
@@ -226,6 +229,15 @@ class OptimConfig(Section):
         for key in ("warmup_steps", "decay_steps", "weight_decay", "clip_norm"):
             value = getattr(self, key)
             require(value >= 0, f"optim.{key} must be >= 0, got {value}")
+        require(
+            0.0 <= self.warmup_ratio < 1.0,
+            f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
+        )
+        require(
+            not (self.warmup_ratio and self.warmup_steps),
+            f"optim.warmup_steps={self.warmup_steps} and optim.warmup_ratio="
+            f"{self.warmup_ratio} are both set; keep one",
+        )
         require(
             0.0 <= self.final_lr_fraction <= 1.0,
             f"optim.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}",
@@ -318,6 +330,8 @@ class TrainConfig(Section):
     the global batch grows from batch_ramp_start_tokens to batch_size x seq_len over the first
     batch_ramp_tokens tokens in batch_ramp_stages equal steps (0 tokens = no ramp).
     z_loss: coefficient of log(Z)^2. init_from: a workdir whose parameters start the run.
+    epochs (fine-tuning): the budget as passes over the task's train split (num_steps then
+    follows from its size: int(examples / batch_size * epochs)); 0 keeps num_steps.
     resume_damaged: when the newest checkpoint cannot be read, move it to checkpoints_damaged/
     and resume from the newest one that can (False: stop with the error).
     """
@@ -342,6 +356,7 @@ class TrainConfig(Section):
     z_loss: float = 0.0
     init_from: str = ""
     resume_damaged: bool = True
+    epochs: float = 0.0
 
     def check(self) -> None:
         """Positive counts, divisible batches, phases that cover the steps once."""
@@ -352,7 +367,7 @@ class TrainConfig(Section):
             f"train.batch_size={self.batch_size} must be divisible by "
             f"train.grad_accum={self.grad_accum}",
         )
-        for key in ("seed", "batch_ramp_tokens", "batch_ramp_start_tokens", "z_loss"):
+        for key in ("seed", "batch_ramp_tokens", "batch_ramp_start_tokens", "z_loss", "epochs"):
             value = getattr(self, key)
             require(value >= 0, f"train.{key} must be >= 0, got {value}")
         require(
@@ -497,7 +512,7 @@ def run_config(config: Mapping[str, Any]) -> RunConfig:
         # lora is optional: a config without it trains every parameter.
         require(key in config or key == "lora", f"config has no '{key}' section")
     model = ModelConfig.from_mapping(config["model"])
-    objective = objectives.get(model.family)
+    objective = objectives.for_data(model.family, config["data"])
     run = RunConfig(
         model=model,
         data=objective.Data.from_mapping(config["data"]),
@@ -507,6 +522,18 @@ def run_config(config: Mapping[str, Any]) -> RunConfig:
         meta=MetaConfig.from_mapping(config["meta"]),
         lora=LoraConfig.from_mapping(config.get("lora", {})),
     )
+    if objectives.is_task(run):
+        require(
+            not run.train.phases and not run.train.batch_ramp_tokens,
+            "train.phases and the batch ramp are pretraining settings; a fine-tuning run "
+            f"(data.task={run.data.task!r}) trains one data setting at one batch size",
+        )
+    else:
+        require(
+            not run.train.epochs,
+            f"train.epochs={run.train.epochs} sets a fine-tuning budget (a run with data.task); "
+            "pretraining runs train.num_steps",
+        )
     for phase in run.train.phases or ({"fraction": 1.0},):
         objective.check(run.model, run.phase_data(phase))
     return run
@@ -622,7 +649,7 @@ def _section_class(config: ml_collections.ConfigDict, section: str) -> type[Sect
         if section == "model":
             return ModelConfig
         if section == "data":
-            return objectives.get(config.model.family).Data
+            return objectives.for_data(config.model.family, config.data).Data
         if section == "optim":
             return OPTIMIZERS[config.optim.get("name", OptimConfig.name)]
     except (AttributeError, KeyError, ValueError):
@@ -725,7 +752,7 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
     saved = json.loads(json.dumps(saved))  # a deep copy
     saved.setdefault("lora", {})  # runs saved before adapters existed trained every parameter
     data = saved.setdefault("data", {})
-    if "split_seed" not in data:
+    if "split_seed" not in data and "task" not in data:  # fine-tuning data has no held-out split
         data["split_seed"] = saved.get("train", {}).get("seed", 0)
     meta = saved.setdefault("meta", {})
     for key in MetaConfig.keys():

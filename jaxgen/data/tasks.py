@@ -200,6 +200,15 @@ def _glue_file(task_dir: Path, task: str, split: str) -> tuple[Path, GlueSplit]:
     )
 
 
+def has_glue_split(task_dir: str | Path, task: str, split: str) -> bool:
+    """Whether `task_dir` holds the file of a GLUE task's split (test files are optional)."""
+    try:
+        _glue_file(Path(task_dir), task, split)
+    except TaskError:
+        return False
+    return True
+
+
 def _rows(path: Path, delimiter: str, quoting: int) -> Iterator[tuple[int, list[str]]]:
     """(1-based line, fields) of every non-blank row; decoding problems become TaskErrors."""
     line = 1

@@ -147,6 +147,12 @@ class HFTokenizer(Tokenizer):
         """Text of ids; special tokens are kept so masks and separators stay visible."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, tuple[int, int]]]:
+        """(id, (char start, char end) in `text`) of every token (SQuAD's answer alignment)."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return [(i, (int(a), int(b))) for i, (a, b) in zip(encoding.ids, encoding.offsets,
+                                                            strict=True)]  # fmt: skip
+
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry of one id."""
         return self.backend.id_to_token(int(token_id))

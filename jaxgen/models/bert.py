@@ -14,6 +14,8 @@ Parameter tree (D d_model, N heads, H head_dim, F d_ff, V vocab, L max_len, ever
     layers_{i}/mlp_norm/{scale,bias} [D]
     mlm_dense/kernel [D, D] (embed, mlp), bias [D];  mlm_norm/{scale,bias} [D];  mlm_bias [V]
     pooler/kernel [D, D] (embed, mlp), bias [D];  nsp/kernel [D, 2], bias [2]
+    classifier/kernel [D, C], bias [C] (model.num_labels = C > 0)
+    span/kernel [D, 2], bias [2] (model.span_head)
 
 With `scan_layers` the layers_{i} subtrees are one `layers` subtree, each leaf stacked `[L, ...]`
 (logical axis `layers` first; see `jaxgen.models.scan`).
@@ -97,7 +99,8 @@ class Bert(nn.Module):
         """ids, segment ids, mask `[B, T]` int32; masked_positions `[B, P]` or None (all T).
 
         Returns {'mlm_logits': `[B, P, V]` (or `[B, T, V]`), 'nsp_logits': `[B, 2]`}, float32,
-        and 'classifier_logits' `[B, num_labels]` when model.num_labels > 0.
+        and 'classifier_logits' `[B, num_labels]` when model.num_labels > 0, 'span_logits'
+        `[B, T, 2]` (answer start, end) with model.span_head.
         """
         cfg, dtype = self.config, self.config.compute_dtype
         batch, length = input_ids.shape
@@ -175,4 +178,7 @@ class Bert(nn.Module):
                 name="classifier",
             )(h)  # fmt: skip
             out["classifier_logits"] = logits.astype(jnp.float32)  # [B, num_labels]
+        if cfg.span_head:  # run_squad.py's cls/squad/output_weights: start and end per token
+            span = Dense((2,), ("embed", None), std=cfg.init_std, dtype=dtype, name="span")(x)
+            out["span_logits"] = constrain(span.astype(jnp.float32), ("batch", "length", None))
         return out

@@ -24,9 +24,12 @@ class ModelConfig(Section):
     its parameters stacked on a leading `layers` axis (`jaxgen.models.scan`); compile time stops
     growing with depth. layer_norm_eps None: the family's paper value. max_len: positions of the
     learned table (BERT, GPT); T5 has relative positions and max_len bounds its encoder input.
-    init_std: normal init of BERT and GPT (T5 uses fan-in). num_labels (BERT): 0 for the
-    pretraining heads only; n > 0 adds `classifier_logits [B, n]` on the pooled [CLS] output
-    (HF BertForSequenceClassification; n = 1 is regression).
+    init_std: normal init of BERT and GPT (T5 uses fan-in). num_labels (BERT, GPT): 0 for the
+    pretraining heads only; n > 0 adds a classifier: BERT `classifier_logits [B, n]` on the pooled
+    [CLS] output (HF BertForSequenceClassification; n = 1 is regression), GPT `classifier_logits
+    [B, T, n]` in place of the LM output (HF GPT2ForSequenceClassification's `score`).
+    span_head (BERT): `span_logits [B, T, 2]`, each token's answer start and end logits (SQuAD;
+    HF BertForQuestionAnswering's `qa_outputs`).
     """
 
     SECTION: ClassVar[str] = "model"
@@ -36,8 +39,8 @@ class ModelConfig(Section):
         "scan_layers", "layer_norm_eps",
     )  # fmt: skip
     FAMILY_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "bert": ("init_std", "type_vocab_size", "num_labels"),
-        "gpt": ("init_std", "norm_position", "sparse_attention", "local_window"),
+        "bert": ("init_std", "type_vocab_size", "num_labels", "span_head"),
+        "gpt": ("init_std", "norm_position", "sparse_attention", "local_window", "num_labels"),
         "t5": ("num_decoder_layers", "relative_attention_num_buckets",
                "relative_attention_max_distance", "feed_forward", "tie_embeddings"),
     }  # fmt: skip
@@ -61,7 +64,8 @@ class ModelConfig(Section):
     init_std: float = 0.02
     # BERT
     type_vocab_size: int = 2
-    num_labels: int = 0  # > 0: a classifier on the pooled [CLS] output (1: regression)
+    num_labels: int = 0  # > 0: a classifier head (1: regression)
+    span_head: bool = False  # BERT: start/end logits per token (SQuAD)
     # GPT
     norm_position: str = "pre"
     sparse_attention: str = "none"  # 'alternating': GPT-3's locally banded odd layers

@@ -19,6 +19,7 @@ Parameter tree (D d_model, N heads, H head_dim, F d_ff, V vocab, L max_len, ever
     layers_{i}/mlp_norm/{scale,bias} [D]
     layers_{i}/mlp/wi/kernel [D, F], bias [F];  layers_{i}/mlp/wo/kernel [F, D], bias [D]
     final_norm/{scale,bias}     [D]     (pre-LN only)
+    score/kernel                [D, C]  (model.num_labels = C > 0: a classifier, no LM output)
 
 With `scan_layers` the layers_{i} subtrees are one `layers` subtree, each leaf stacked `[L, ...]`
 (logical axis `layers` first; see `jaxgen.models.scan`), and so is the KV cache; with alternating
@@ -38,6 +39,7 @@ from flax import linen as nn
 from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (
+    Dense,
     Dropout,
     Embed,
     LayerNorm,
@@ -140,8 +142,9 @@ class Gpt(nn.Module):
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
-    ) -> jax.Array:
-        """input_ids, positions, segment_ids `[B, T]` int32 -> logits `[B, T, V]` float32.
+    ) -> jax.Array | dict[str, jax.Array]:
+        """input_ids, positions, segment_ids `[B, T]` int32 -> logits `[B, T, V]` float32, or
+        with model.num_labels > 0 {'classifier_logits': `[B, T, num_labels]`} (no LM head).
 
         positions=None means 0..T-1; segment_ids (0 = padding) keep packed documents apart.
         """
@@ -188,5 +191,11 @@ class Gpt(nn.Module):
                 x = block_cls(cfg, local, deterministic, decode, name=f"layers_{i}")(x, segment_ids)
         if cfg.norm_position == "pre":
             x = LayerNorm(cfg.layer_norm_eps, dtype, name="final_norm")(x)
+        if cfg.num_labels:  # HF GPT2ForSequenceClassification's `score`: no bias, every position
+            scores = Dense(
+                (cfg.num_labels,), ("embed", None), std=cfg.init_std, use_bias=False,
+                dtype=dtype, name="score",
+            )(x)  # fmt: skip
+            return {"classifier_logits": scores.astype(jnp.float32)}  # [B, T, num_labels]
         logits = token_embed.attend(x)  # [B, T, V]
         return constrain(logits, ("batch", "length", "vocab"))

@@ -17,6 +17,9 @@ from flax import traverse_util
 from jaxgen.config import LoraConfig
 
 ADAPTERS = ("lora_a", "lora_b")
+# Task heads: trained beside the adapters and saved with them (peft's `modules_to_save`); new
+# heads a base model lacks start from their fresh initialisation.
+HEADS = ("classifier", "score", "span")
 
 
 class LoraError(ValueError):
@@ -29,10 +32,21 @@ def is_adapter(path: tuple[Any, ...]) -> bool:
     return str(getattr(last, "key", last)) in ADAPTERS
 
 
+def is_head(path: tuple[Any, ...]) -> bool:
+    """Whether a parameter path lies in a task head (`HEADS`)."""
+    return str(getattr(path[0], "key", path[0])) in HEADS
+
+
+def trained(path: tuple[Any, ...]) -> bool:
+    """Whether a LoRA run trains (and saves) a parameter: the adapters and the task heads."""
+    return is_adapter(path) or is_head(path)
+
+
 def labels(params: Any) -> Any:
-    """ "adapter" for the adapter leaves, "frozen" for the rest (optax.multi_transform labels)."""
+    """ "adapter" for the adapters and task heads, "frozen" for the rest (multi_transform
+    labels)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "adapter" if is_adapter(path) else "frozen", params
+        lambda path, _: "adapter" if trained(path) else "frozen", params
     )
 
 
@@ -65,33 +79,34 @@ def merge(params: Any, lora: LoraConfig) -> Any:
 
 
 def with_base(fresh: Any, base: Any) -> Any:
-    """`fresh` (an adapted model's initial parameters) with every leaf but the adapters taken
-    from `base` (the base model's trained parameters)."""
+    """`fresh` (a model's initial parameters) with every leaf taken from `base` (a saved model's)
+    but the adapters, and the task heads `base` does not have."""
     flat_base = traverse_util.flatten_dict(base)
     out = {}
     for path, value in traverse_util.flatten_dict(fresh).items():
-        if path[-1] in ADAPTERS:
+        if path[-1] in ADAPTERS or (is_head(path) and path not in flat_base):
             out[path] = value
         elif path in flat_base and tuple(flat_base[path].shape) == tuple(value.shape):
             out[path] = flat_base[path]
         elif path in flat_base:
             raise LoraError(
-                f"the base parameter {'/'.join(path)} is {tuple(flat_base[path].shape)}, the "
-                f"adapted model's is {tuple(value.shape)}: train.init_from must hold a model of "
+                f"the saved parameter {'/'.join(path)} is {tuple(flat_base[path].shape)}, the "
+                f"model's is {tuple(value.shape)}: train.init_from must hold a model of "
                 "the same shapes"
             )
         else:
             raise LoraError(
-                f"the base parameters have no {'/'.join(path)}: train.init_from must hold the "
-                "model these adapters are added to (same family, shapes and model.scan_layers)"
+                f"the saved parameters have no {'/'.join(path)}: train.init_from must hold a "
+                "model of this one's family and shapes (a new task head, or adapters, may be "
+                "missing from it; nothing else)"
             )
     return traverse_util.unflatten_dict(out)
 
 
 def adapters(params: Any) -> Any:
-    """Only the adapter leaves of a tree (what a LoRA run's checkpoints hold)."""
+    """Only the adapter and task-head leaves of a tree (what a LoRA run's checkpoints hold)."""
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] in ADAPTERS})
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if trained(k)})
 
 
 def with_adapters(params: Any, saved: Any) -> Any:

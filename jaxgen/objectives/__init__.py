@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 MODULES = {"bert": "mlm_nsp", "gpt": "causal_lm", "t5": "span_corruption"}
 FAMILIES = tuple(MODULES)
+# Fine-tuning: (family, task kind) -> module; `task.kind` tells a task's kind.
+TASK_MODULES = {
+    ("bert", "classify"): "bert_classify",
+    ("bert", "span"): "bert_span",
+    ("gpt", "classify"): "gpt_classify",
+    ("gpt", "sft"): "gpt_sft",
+    ("t5", "classify"): "t5_text",
+}
 Metrics = dict[str, tuple[Any, Any]]
 
 # Host-side random streams are numpy generators seeded by (seed, tag, ...): one tag per use, so
@@ -45,35 +53,61 @@ class DataError(ValueError):
 
 
 @runtime_checkable
-class Objective(Protocol):
-    """What an objective module provides (mlm_nsp, causal_lm and span_corruption implement it).
+class StepObjective(Protocol):
+    """What the train and eval steps ask of every objective, pretraining or fine-tuning.
+
+    LOSS_TERMS: metrics whose means sum to the loss.
+    """
+
+    LOSS_TERMS: tuple[str, ...]
+
+    def check(self, model: ModelConfig, data: Any) -> None:
+        """Raises ConfigError when these data settings cannot feed this model."""
+
+    def batch_spec(self, data: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The arrays of a batch of `batch_size` rows, as shapes and dtypes."""
+
+    def sequence_lengths(self, data: Any) -> dict[str, int]:
+        """Tokens per row: 'inputs' (first stack), 'targets' (T5's decoder), 'scored' (logits)."""
+
+    def value_bounds(self, model: ModelConfig, data: Any) -> dict[str, int]:
+        """Exclusive upper bounds of the integer arrays (all are >= 0)."""
+
+    def synthetic_batch(
+        self, model: ModelConfig, data: Any, batch_size: int, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        """A valid random batch of the spec (padding and weights included), for tests, benches."""
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's apply kwargs taken from a batch."""
+
+    def loss_weights(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The weight of each loss term in a batch (a function of the batch alone)."""
+
+    def loss_and_metrics(
+        self, outputs: Any, batch: Mapping[str, Any], z_loss: float = 0.0
+    ) -> Metrics:
+        """{name: (sum, weight)} of every metric, the loss terms included."""
+
+    def derived_metrics(self, means: Mapping[str, float]) -> dict[str, float]:
+        """Metrics computed from the reduced means (GPT: perplexity)."""
+
+    def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Real tokens of a host batch (for tokens/s)."""
+
+
+@runtime_checkable
+class Objective(StepObjective, Protocol):
+    """What a pretraining objective module provides (mlm_nsp, causal_lm, span_corruption).
 
     Data: its `config.data` section class (a `jaxgen.config.DataConfig`).
-    MIN_DOCUMENTS: documents a corpus split needs. LOSS_TERMS: metrics whose means sum to the loss.
+    MIN_DOCUMENTS: documents a corpus split needs.
     RECORD_KEYS: the data keys that shape its prepared records (`jaxgen prepare`).
     """
 
     Data: type[DataConfig]
     MIN_DOCUMENTS: int
-    LOSS_TERMS: tuple[str, ...]
     RECORD_KEYS: tuple[str, ...]
-
-    def check(self, model: ModelConfig, data: DataConfig) -> None:
-        """Raises ConfigError when these data settings cannot feed this model."""
-
-    def batch_spec(self, data: DataConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """The arrays of a batch of `batch_size` rows, as shapes and dtypes."""
-
-    def sequence_lengths(self, data: DataConfig) -> dict[str, int]:
-        """Tokens per row: 'inputs' (first stack), 'targets' (T5's decoder), 'scored' (logits)."""
-
-    def value_bounds(self, model: ModelConfig, data: DataConfig) -> dict[str, int]:
-        """Exclusive upper bounds of the integer arrays (all are >= 0)."""
-
-    def synthetic_batch(
-        self, model: ModelConfig, data: DataConfig, batch_size: int, rng: np.random.Generator
-    ) -> dict[str, np.ndarray]:
-        """A valid random batch of the spec (padding and weights included), for tests, benches."""
 
     def make_records(
         self, corpus: Any, tokenizer: Any, data: DataConfig, split: str, seed: int, shard: int = 0
@@ -94,22 +128,25 @@ class Objective(Protocol):
     ) -> Callable[[int, int, Any], dict[str, np.ndarray]]:
         """make(stream position, record index, record) -> one example of the spec (no batch dim)."""
 
-    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """The model's apply kwargs taken from a batch."""
 
-    def loss_weights(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """The weight of each loss term in a batch (a function of the batch alone)."""
+@runtime_checkable
+class TaskObjective(StepObjective, Protocol):
+    """What a fine-tuning objective module provides (bert_classify, gpt_classify, gpt_sft,
+    t5_text, bert_span): in place of prepared records `encode`, which turns a split's examples
+    into host arrays of the spec. Data: its section class (a `jaxgen.objectives.task.TaskData`).
+    PREDICTS: 'labels' (class ids or floats [N]), 'spans' (answer start and end logits of each
+    of its `windows`) or '' (none: scored by the loss); with predictions it has `predict_fn`
+    (params, batch -> raw predictions) and, for labels, `postprocess` (a split's raw predictions
+    and examples -> the labels)."""
 
-    def loss_and_metrics(
-        self, outputs: Any, batch: Mapping[str, Any], z_loss: float = 0.0
-    ) -> Metrics:
-        """{name: (sum, weight)} of every metric, the loss terms included."""
+    Data: type
+    PREDICTS: str
 
-    def derived_metrics(self, means: Mapping[str, float]) -> dict[str, float]:
-        """Metrics computed from the reduced means (GPT: perplexity)."""
+    def texts(self, examples: Sequence[Any], data: Any, splits: Any) -> list[str]:
+        """The texts a tokenizer made for the task is trained on (its train split's)."""
 
-    def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
-        """Real tokens of a host batch (for tokens/s)."""
+    def encode(self, examples: Sequence[Any], tokenizer: Any, data: Any, splits: Any) -> dict:
+        """A split's examples as arrays of the spec with one row per example."""
 
 
 def get(family: str) -> Objective:
@@ -119,6 +156,38 @@ def get(family: str) -> Objective:
 
         raise ConfigError(f"unknown model family {family!r}; valid families are {list(MODULES)}")
     return importlib.import_module(f"{__name__}.{MODULES[family]}")
+
+
+def for_data(family: str, data: Mapping[str, Any]) -> Any:
+    """The objective of a family and a `config.data` mapping: a fine-tuning objective when the
+    data names a `task`, else the family's pretraining objective."""
+    task_name = data.get("task") if hasattr(data, "get") else None  # a dict or a ConfigDict
+    if not task_name:
+        return get(family)
+    from jaxgen.objectives import task
+
+    get(family)  # an unknown family fails here, naming the valid ones
+    key = (family, task.kind(str(task_name)))
+    if key not in TASK_MODULES:
+        from jaxgen.config import ConfigError
+
+        kinds = sorted(k for f, k in TASK_MODULES if f == family)
+        raise ConfigError(
+            f"data.task={task_name!r} is a {key[1]} task, which {family} does not fine-tune; "
+            f"{family} fine-tunes {' and '.join(kinds)} tasks (classify: GLUE and 'files'; "
+            "sft: GPT prompt/response; span: BERT on SQuAD)"
+        )
+    return importlib.import_module(f"{__name__}.{TASK_MODULES[key]}")
+
+
+def of_run(run: Any) -> Any:
+    """The objective of a RunConfig (`for_data` of its family and data)."""
+    return for_data(run.family, run.data.to_dict())
+
+
+def is_task(run: Any) -> bool:
+    """Whether a RunConfig fine-tunes on a task (its data names one)."""
+    return bool(getattr(run.data, "task", ""))
 
 
 def host_rng(seed: int, *keys: int) -> np.random.Generator:

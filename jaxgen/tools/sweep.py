@@ -6,7 +6,9 @@
 Each point runs `python -m jaxgen train` in `<workdir>/<point name>` (named after its overrides),
 logging to `<point>/train.log`. A point whose workdir holds `DONE` is skipped on re-runs, so a sweep
 that was interrupted picks up where it stopped (unfinished points resume from their checkpoints).
-At the end `summary.csv` and `summary.md` list every point's final train/eval metrics, best first.
+At the end `summary.csv` and `summary.md` list every point's final train/eval metrics (and a
+fine-tuning run's best evaluation, `best/<name>`), best first; when points differ only in
+`train.seed`, `seeds.md` gives each setting's mean ± standard deviation over its seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 DONE_FILE = "DONE"
+RESULTS_FILE = "eval_results.json"  # a fine-tuning run's best evaluation (jaxgen.train.finetune)
+SEED_KEY = "train.seed"
 LOG_FILE = "train.log"
 MAX_NAME_LENGTH = 200  # well under the 255-byte file-name limit of common filesystems
 
@@ -201,9 +205,16 @@ def read_final_metrics(workdir: str | Path) -> tuple[int | None, dict[str, float
         last[split] = row
         if isinstance(row.get("step"), int):
             step = row["step"] if step is None else max(step, row["step"])
+    rows = {split: last.get(split, {}) for split in ("train", "eval")}
+    results = Path(workdir) / RESULTS_FILE
+    if results.is_file():
+        try:
+            rows["best"] = json.loads(results.read_text()).get("best", {})
+        except json.JSONDecodeError:
+            pass  # written atomically; unreadable only when damaged, and then not reported
     metrics = {}
-    for split in ("train", "eval"):
-        for key, value in last.get(split, {}).items():
+    for split, row in rows.items():
+        for key, value in row.items():
             if key not in ("step", "split") and isinstance(value, (int, float)):
                 metrics[f"{split}/{key}"] = float(value)
     return step, metrics
@@ -247,8 +258,44 @@ def sort_results(
 def _metric_columns(results: Sequence[PointResult]) -> list[str]:
     present = {k for r in results for k in r.metrics}
     first = [k for k in ("train/loss", "eval/loss") if k in present]
-    rest = sorted(present - set(first), key=lambda k: (not k.startswith("eval/"), k))
+    order = {"best": 0, "eval": 1}
+    rest = sorted(present - set(first), key=lambda k: (order.get(k.split("/")[0], 2), k))
     return first + rest
+
+
+def seed_rows(results: Sequence[PointResult]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of each setting's mean ± std (sample, over its seeds) of every eval and
+    best metric; only settings run with more than one train.seed, none when there are none."""
+    groups: dict[str, list[PointResult]] = {}
+    for r in results:
+        if r.status in ("done", "skipped-done") and SEED_KEY in r.overrides:
+            setting = {k: v for k, v in r.overrides.items() if k != SEED_KEY}
+            groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return [], []
+    keys = list(dict.fromkeys(k for g in groups.values() for r in g for k in r.overrides
+                              if k != SEED_KEY))  # fmt: skip
+    metrics = [m for m in _metric_columns([r for g in groups.values() for r in g])
+               if m.startswith(("eval/", "best/"))]  # fmt: skip
+    rows = []
+    for members in groups.values():
+        cells = []
+        for metric in metrics:
+            values = [r.metrics[metric] for r in members if metric in r.metrics]
+            if not values:
+                cells.append("")
+                continue
+            std = float(sample_std(values))
+            cells.append(f"{sum(values) / len(values):.4g} ± {std:.2g}")
+        rows.append([*(members[0].overrides.get(k, "") for k in keys), len(members), *cells])
+    return [*keys, "seeds", *metrics], rows
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1) of two or more values."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
 
 
 def summary_rows(results: Sequence[PointResult]) -> tuple[list[str], list[list[Any]]]:
@@ -279,8 +326,15 @@ def _cell(value: Any) -> str:
 
 
 def format_markdown(results: Sequence[PointResult]) -> str:
-    """The summary as a Markdown table."""
-    header, rows = summary_rows(results)
+    """The summary as a Markdown table (and the mean ± std over seeds, when there are seeds)."""
+    text = _markdown_table(*summary_rows(results))
+    header, rows = seed_rows(results)
+    if rows:
+        text += "\nmean ± std over seeds:\n\n" + _markdown_table(header, rows)
+    return text
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -300,6 +354,9 @@ def write_summary(results: Sequence[PointResult], workdir: str | Path) -> tuple[
         writer.writerow(header)
         writer.writerows(rows)
     md_path.write_text(format_markdown(results))
+    header, rows = seed_rows(results)
+    if rows:
+        (workdir / "seeds.md").write_text(_markdown_table(header, rows))
     return csv_path, md_path
 
 

@@ -146,7 +146,7 @@ def _drop_closed_loop_reports() -> None:
 class Checkpointer:
     """Saves and restores (TrainState, data iterator state) under `workdir/checkpoints/<step>/`.
 
-    With `keep_best`, the parameters of the run's best eval loss are also kept under
+    With `keep_best`, the state of the run's best eval loss (or task score) is also kept under
     `workdir/checkpoints_best/<step>/`, independent of `max_to_keep`.
     """
 
@@ -158,8 +158,11 @@ class Checkpointer:
         keep_best: bool = False,
         use_async: bool = True,
         identity: Mapping[str, str] | None = None,
+        best_mode: str = "min",
     ) -> None:
-        """identity: what this run's checkpoints record and a restore requires (`run_identity`)."""
+        """identity: what this run's checkpoints record and a restore requires (`run_identity`);
+        best_mode: whether the best checkpoint has the lowest ('min', a loss) or highest ('max',
+        a task score) value given to `save_best`."""
         self.identity = dict(identity or {})
         self.directory = Path(workdir) / "checkpoints"
         self.manager = _manager(
@@ -177,8 +180,9 @@ class Checkpointer:
                 Path(workdir) / "checkpoints_best",
                 ocp.CheckpointManagerOptions(
                     max_to_keep=1,
-                    best_fn=lambda metrics: metrics["loss"],
-                    best_mode="min",
+                    # "loss": what best checkpoints saved before task scores recorded
+                    best_fn=lambda metrics: metrics.get("value", metrics.get("loss")),
+                    best_mode=best_mode,
                     enable_async_checkpointing=False,
                     cleanup_tmp_directories=True,
                     create=True,
@@ -210,15 +214,16 @@ class Checkpointer:
             force=force,
         )
 
-    def save_best(self, step: int, state: TrainState, eval_loss: float) -> None:
-        """Keeps this step's state if its eval loss is the best so far (no-op without keep_best)."""
+    def save_best(self, step: int, state: TrainState, value: float) -> None:
+        """Keeps this step's state if its value (eval loss, or task score) is the best so far
+        (no-op without keep_best)."""
         if self.best is not None:
             self.best.save(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({})
                 ),
-                metrics={"loss": float(eval_loss)},
+                metrics={"value": float(value)},
                 force=True,
             )
 

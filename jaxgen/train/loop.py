@@ -35,7 +35,7 @@ from jaxgen.data import records
 from jaxgen.data.pipeline import DataIterator
 from jaxgen.data.source import DataSource
 from jaxgen.models import lora as lora_lib
-from jaxgen.objectives import Objective
+from jaxgen.objectives import StepObjective
 from jaxgen.train import checkpoint as checkpoint_lib
 from jaxgen.train import faults, optim
 from jaxgen.train import step as step_lib
@@ -164,7 +164,7 @@ class Trainer:
     run: RunConfig
     mesh: Mesh
     module: nn.Module
-    objective: Objective
+    objective: StepObjective
     optimizer: optax.GradientTransformation
     shardings: TrainState
     train_step: Any
@@ -174,7 +174,7 @@ class Trainer:
 def build_trainer(run: RunConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
     """The run's trainer and a freshly initialised state (seed train.seed) in its shardings."""
     module = models.build(run.model, run.lora)
-    objective = objectives.get(run.family)
+    objective = objectives.of_run(run)
     schedule = optim.make_schedule(run.optim, run.train.num_steps)
     optimizer = optim.make_optimizer(run.optim, run.train.num_steps)
     if run.lora.rank:
@@ -261,15 +261,15 @@ def _agree_damaged(damaged: bool) -> bool:
 
 
 def initial_state(trainer: Trainer, state: TrainState) -> TrainState:
-    """The freshly initialised `state` with train.init_from's parameters when it names a run (a
-    LoRA run: its base under fresh adapters), in the trainer's shardings."""
+    """The freshly initialised `state` with train.init_from's parameters when it names a run, in
+    the trainer's shardings; a LoRA run's adapters and a new task head (one the saved run lacks)
+    keep their fresh initialisation."""
     run = trainer.run
     if not run.train.init_from:
         return state
     # Stacked or unrolled as this run's model.scan_layers asks, whichever way it was saved.
     _, params = checkpoint_lib.load_params(run.train.init_from, model=run.model)
-    if run.lora.rank:  # the base from init_from, the adapters freshly initialised
-        params = lora_lib.with_base(state.params, params)
+    params = lora_lib.with_base(state.params, params)
     return state.replace(params=jax.device_put(params, trainer.shardings.params))
 
 
@@ -482,7 +482,7 @@ def _train_iterator(source: DataSource, phase: Phase, data_state: dict[str, Any]
 
 
 def train_row(
-    objective: Objective, pending: list[dict[str, Any]], tokens: int, seconds: float, steps: int
+    objective: StepObjective, pending: list[dict[str, Any]], tokens: int, seconds: float, steps: int
 ) -> dict[str, float]:
     """The train metrics of the steps since the last log: their means, the derived metrics,
     tokens/s and steps/s."""

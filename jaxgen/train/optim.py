@@ -24,7 +24,8 @@ def make_schedule(optim: OptimConfig, num_steps: int) -> optax.Schedule:
     sqrt(warmup_steps), i.e. the peak held for warmup_steps (T5 holds 0.01 for 10^4 steps) and
     then decaying as 1/sqrt(step).
     """
-    peak, warmup = optim.learning_rate, optim.warmup_steps
+    peak = optim.learning_rate
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * num_steps)
     decay_steps = optim.decay_steps or num_steps
     if optim.schedule == "rsqrt":
         floor = max(warmup, 1)

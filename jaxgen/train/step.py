@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxgen import objectives, parallel
 from jaxgen.config import DataConfig
-from jaxgen.objectives import Objective
+from jaxgen.objectives import StepObjective
 from jaxgen.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -44,7 +44,7 @@ class StepOptions:
     skip_nonfinite_or_spike: bool = False
 
 
-def init_params_fn(module: nn.Module, objective: Objective, data: DataConfig) -> Callable:
+def init_params_fn(module: nn.Module, objective: StepObjective, data: DataConfig) -> Callable:
     """A function rng -> boxed params (with logical-axis metadata), from the objective's batch spec
     (nothing is read from data), for eval_shape or jit."""
     spec = objective.batch_spec(data, 1)
@@ -57,14 +57,14 @@ def init_params_fn(module: nn.Module, objective: Objective, data: DataConfig) ->
     return init
 
 
-def abstract_params(module: nn.Module, objective: Objective, data: DataConfig) -> Any:
+def abstract_params(module: nn.Module, objective: StepObjective, data: DataConfig) -> Any:
     """The boxed parameter tree as ShapeDtypeStructs (no memory, no devices)."""
     return jax.eval_shape(init_params_fn(module, objective, data), jax.random.key(0))
 
 
 def create_train_state(
     module: nn.Module,
-    objective: Objective,
+    objective: StepObjective,
     optimizer: optax.GradientTransformation,
     data: DataConfig,
     seed: int,
@@ -213,7 +213,7 @@ def guarded_update(
 
 
 def means(
-    objective: Objective, sums: Mapping[str, tuple[jax.Array, jax.Array]]
+    objective: StepObjective, sums: Mapping[str, tuple[jax.Array, jax.Array]]
 ) -> dict[str, jax.Array]:
     """Each metric's sum over its weight, and `loss`: the sum of the LOSS_TERMS means."""
     out = {k: s / jnp.maximum(w, 1e-8) for k, (s, w) in sums.items()}
@@ -221,7 +221,7 @@ def means(
     return out
 
 
-def make_grad_fn(module: nn.Module, objective: Objective, z_loss: float) -> GradFn:
+def make_grad_fn(module: nn.Module, objective: StepObjective, z_loss: float) -> GradFn:
     """(params, batch, rng, weights) -> ((loss, sums), grads) of the model with dropout on."""
 
     def loss_fn(params: Any, batch: Batch, rng: jax.Array, weights: Any) -> tuple[Any, Any]:
@@ -239,7 +239,7 @@ def make_grad_fn(module: nn.Module, objective: Objective, z_loss: float) -> Grad
 
 def build_train_step(
     module: nn.Module,
-    objective: Objective,
+    objective: StepObjective,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: Mesh,
@@ -294,7 +294,7 @@ def build_train_step(
 
 def build_eval_step(
     module: nn.Module,
-    objective: Objective,
+    objective: StepObjective,
     mesh: Mesh,
     state_shardings: TrainState,
     options: StepOptions = StepOptions(),

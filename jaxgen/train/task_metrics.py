@@ -147,6 +147,29 @@ def glue_score(per_task: Mapping[str, Mapping[str, float]]) -> float:
     return float(np.mean([np.mean(scores) for scores in groups.values()]))
 
 
+def task_scores(
+    task: str, predictions: object, labels: object, regression: bool
+) -> dict[str, float]:
+    """A fine-tuning task's metrics and its `score`: a GLUE task's `glue_metrics`; a generic
+    file's accuracy (two classes: with F1 of class 1 and matthews) or pearson and spearman.
+    `score` is combined_score where there is one, else the mean of the metrics (a GLUE task's
+    share of the GLUE score)."""
+    if task in GLUE_TASKS:
+        metrics = glue_metrics(task, predictions, labels)
+    elif regression:
+        p, s = pearson(predictions, labels), spearman(predictions, labels)
+        metrics = {"pearson": p, "spearman": s, "combined_score": (p + s) / 2}
+    else:
+        predictions, labels = np.asarray(predictions, np.int64), np.asarray(labels, np.int64)
+        metrics = {"accuracy": accuracy(predictions, labels)}
+        if np.max(labels) <= 1:
+            metrics["f1"] = binary_f1(predictions, labels, positive=1)
+            metrics["mcc"] = matthews_corr(predictions, labels)
+        return {**metrics, "score": metrics["accuracy"]}
+    score = metrics.get("combined_score", float(np.mean(list(metrics.values()))))
+    return {**metrics, "score": score}
+
+
 def write_glue_predictions(path: str | Path, task: str, predictions: object) -> None:
     """Writes [N] test predictions in the GLUE server's format: an `index\\tprediction` header,
     then one row per example with the label string (STS-B: the score as `%.3f`).

@@ -195,6 +195,32 @@ def test_summary_from_metrics_files(tmp_path):
     assert md_path.read_text() == markdown
 
 
+def test_seeds_of_one_setting_are_summarised_as_mean_and_std(tmp_path):
+    """Fine-tuning points: the best evaluation (eval_results.json) is read as best/<name>, and the
+    points that differ only in train.seed are grouped."""
+    results = []
+    for lr, seed, score in (("2e-5", 0, 0.80), ("2e-5", 1, 0.84), ("2e-5", 2, 0.88),
+                            ("5e-5", 0, 0.70), ("5e-5", 1, 0.72), ("3e-5", 0, 0.9)):  # fmt: skip
+        workdir = tmp_path / f"{lr}-{seed}"
+        _write_metrics(workdir, [{"step": 9, "split": "eval", "loss": 1.0, "score": 0.1}])
+        best = {"step": 3, "split": "eval", "loss": 0.5, "score": score}
+        (workdir / sweep.RESULTS_FILE).write_text(json.dumps({"best": best, "best_step": 3}))
+        step, metrics = sweep.read_final_metrics(workdir)
+        assert metrics["best/score"] == score and metrics["eval/score"] == 0.1
+        overrides = {"optim.learning_rate": lr, "train.seed": str(seed)}
+        results.append(sweep.PointResult(workdir.name, overrides, str(workdir), "done",
+                                         metrics, step))  # fmt: skip
+    header, rows = sweep.seed_rows(results)
+    assert header == ["optim.learning_rate", "seeds", "eval/loss", "best/loss", "best/score",
+                      "eval/score"]  # fmt: skip
+    assert rows[0][:2] == ["2e-5", 3] and rows[0][4] == "0.84 ± 0.04"
+    assert rows[1][:2] == ["5e-5", 2] and rows[1][4] == "0.71 ± 0.014"
+    assert len(rows) == 2  # 3e-5 ran with one seed: nothing to average
+    sweep.write_summary(results, tmp_path / "sweep")
+    assert "0.84 ± 0.04" in (tmp_path / "sweep" / "seeds.md").read_text()
+    assert "mean ± std over seeds" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
 def test_run_sweep_grid_with_failure_and_resume(tmp_path, fake_command, capsys):
     results = _run(tmp_path, fake_command, parallel=2)
     root = tmp_path / "sw"

@@ -277,6 +277,13 @@ EXPORT_CLASSIFIER = {"bert": "BertForSequenceClassification"}
 def export_architecture(cfg: ModelConfig) -> str:
     """The HF architecture a jaxgen model exports as (a BERT classifier: its own)."""
     if cfg.num_labels:
+        # The HF classes are per family: only BERT's classifier has an importer and exporter.
+        if cfg.family not in EXPORT_CLASSIFIER:
+            raise ValueError(
+                f"a {cfg.family} model with a classifier head (model.num_labels="
+                f"{cfg.num_labels}) has no HF export; export a {'/'.join(EXPORT_CLASSIFIER)} "
+                "classifier, or the base model"
+            )
         return EXPORT_CLASSIFIER[cfg.family]
     return EXPORT[cfg.family][0]
 

@@ -6,6 +6,9 @@ peft keeps `lora_A.weight [r, in]` and `lora_B.weight [out, r]` per adapted HF m
 adapters `lora_a [*in, r]`, `lora_b [r, *out]` flatten onto them; GPT-2's fused `c_attn` (query,
 key and value in one Conv1D) takes the adapted ones of the three as one adapter of rank r x (how
 many), A stacked and B block-diagonal, `rank_pattern` and `alpha_pattern` keeping alpha / r.
+A task head trained with the adapters (BERT's `classifier`) is saved whole as one of peft's
+`modules_to_save`, `base_model.model.classifier.{weight,bias}`, so the adapted classifier loads
+with its head.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from flax import traverse_util
 from jaxgen.config import LoraConfig
 from jaxgen.interop.hf import files, names
 from jaxgen.interop.hf.errors import InteropError
+from jaxgen.models import lora as lora_lib
 from jaxgen.models import scan
 from jaxgen.models.config import ModelConfig
 
@@ -54,7 +58,14 @@ def adapters_to_peft(
     modules: list[str] = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
+    heads: set[str] = set()
     for rule in names.RULES[model.family](model):
+        if all(p.split("/")[0] in lora_lib.HEADS and p in flat for p in rule.jax):
+            arrays = [np.asarray(flat[p], np.float32) for p in rule.jax]
+            for name, value in zip(rule.hf, rule.transform.to_hf(arrays), strict=True):
+                tensors[f"base_model.model.{name}"] = np.ascontiguousarray(value)
+                heads.add(name.rsplit(".", 1)[0])
+            continue
         kernels = [p for p in rule.jax if p.endswith("/kernel")]
         pairs = [_pair(flat, p, r) for p in kernels]
         if not kernels or all(p is None for p in pairs):
@@ -79,7 +90,7 @@ def adapters_to_peft(
         raise InteropError("the parameters hold no LoRA adapters (lora_a/lora_b) to export")
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": "SEQ_CLS" if heads else None,
         "r": r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
@@ -91,7 +102,7 @@ def adapters_to_peft(
         "init_lora_weights": True,
         "use_rslora": False,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(heads) or None,
         "base_model_name_or_path": None,
     }
     return config, tensors

@@ -80,6 +80,35 @@ def test_peft_loads_the_adapters_with_jaxgens_logits(family, tmp_path):
     assert np.max(np.abs(plain.numpy() - logits)) > 10 * ATOL
 
 
+def test_peft_loads_an_adapted_classifier_with_its_head(tmp_path):
+    """The trained head goes with the adapters (peft's modules_to_save): loaded onto the base
+    BertForSequenceClassification, whose head is untrained, it gives jaxgen's logits."""
+    hf_config = bert_model().config
+    hf_config.num_labels = 3
+    torch.manual_seed(1)
+    base_dir = save(transformers.BertForSequenceClassification(hf_config), tmp_path / "base")
+    config, base = hf.load(base_dir)
+    spec = LoraConfig(rank=2, alpha=4.0, targets=("query", "value"))
+    module = models.build(config.model, spec)
+    args, hf_inputs = _inputs("bert")
+    fresh = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), *args)["params"])
+    params = _random_b(lora.with_base(fresh, base))
+    rng = np.random.default_rng(0)
+    params["classifier"] = {
+        k: v + rng.normal(0, 0.5, v.shape).astype(np.float32)
+        for k, v in params["classifier"].items()
+    }  # a trained head
+    logits = np.asarray(jax.jit(module.apply)({"params": params}, *args)["classifier_logits"])
+    adapter_dir = peft_export.save_adapters(params, config.model, spec, tmp_path / "adapter")
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier"] and saved["task_type"] == "SEQ_CLS"
+    base_model = transformers.BertForSequenceClassification.from_pretrained(base_dir)
+    model = peft.PeftModel.from_pretrained(base_model, adapter_dir).eval()
+    np.testing.assert_allclose(logits, model(**hf_inputs).logits.numpy(), atol=ATOL, rtol=0)
+    untrained = transformers.BertForSequenceClassification.from_pretrained(base_dir).eval()
+    assert np.max(np.abs(untrained(**hf_inputs).logits.numpy() - logits)) > 10 * ATOL
+
+
 def test_a_lora_run_exports_the_merged_model_and_its_adapters(tmp_path):
     from jaxgen import config as config_lib
     from jaxgen.train import checkpoint
