@@ -528,6 +528,11 @@ def run_config(config: Mapping[str, Any]) -> RunConfig:
             "train.phases and the batch ramp are pretraining settings; a fine-tuning run "
             f"(data.task={run.data.task!r}) trains one data setting at one batch size",
         )
+        require(
+            run.train.eval_steps == TrainConfig.eval_steps,
+            f"train.eval_steps={run.train.eval_steps} does nothing here: a fine-tuning run "
+            "evaluates its whole dev split",
+        )
     else:
         require(
             not run.train.epochs,

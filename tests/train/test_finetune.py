@@ -13,11 +13,10 @@ from flax import traverse_util
 
 from jaxgen import config as config_lib
 from jaxgen import objectives, parallel
-from jaxgen.data import tasks
+from jaxgen.data import demo_tasks, tasks
 from jaxgen.models import lora as lora_lib
 from jaxgen.objectives import task as task_lib
 from jaxgen.train import checkpoint, finetune, loop
-from tests import task_files
 
 FAST = ["model.vocab_size=2000", "data.seq_len=32", "train.batch_size=16",
         "optim.learning_rate=1e-3", "train.epochs=3", "train.eval_every=21"]  # fmt: skip
@@ -30,7 +29,7 @@ def _config(spec: str, *overrides: str) -> config_lib.RunConfig:
 @pytest.fixture(scope="module")
 def sst2_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("glue") / "SST-2"
-    task_files.write_sst2(directory)
+    demo_tasks.write_sst2(directory)
     return directory
 
 
@@ -49,7 +48,7 @@ def _eval_rows(workdir):
 
 def test_bert_classifier_learns_and_keeps_its_best_evaluation(bert_run, sst2_dir):
     workdir, results = bert_run
-    train, dev = task_files.topic_examples()
+    train, dev = demo_tasks.topic_examples()
     rows = _eval_rows(workdir)
     assert rows[0]["step"] == 0 and rows[-1]["step"] == results["num_steps"] == 3 * len(train) // 16
     best = max(rows, key=lambda r: r["score"])
@@ -117,7 +116,7 @@ def test_bert_extracts_answer_spans_and_abstains_where_there_is_none(tmp_path):
     """SQuAD v2.0 in miniature: which name a sentence quotes, or (sentences without quotes) no
     answer. Chance is a few percent exact match; the decoded answers, n-best lists and null odds
     are written as run_squad.py writes them."""
-    train, dev = task_files.write_squad(tmp_path / "data", impossible=True)
+    train, dev = demo_tasks.write_squad(tmp_path / "data", impossible=True)
     run = _config("squad_v2@smoke", f"data.train_file={train}", f"data.validation_file={dev}",
                   "optim.learning_rate=2e-3", "train.epochs=0", "train.num_steps=30",
                   "train.eval_every=30")  # fmt: skip
@@ -139,14 +138,14 @@ def test_bert_extracts_answer_spans_and_abstains_where_there_is_none(tmp_path):
 
 
 def test_a_squad_v2_file_needs_the_v2_setting(tmp_path):
-    train, dev = task_files.write_squad(tmp_path, impossible=True)
+    train, dev = demo_tasks.write_squad(tmp_path, impossible=True)
     run = _config("squad@smoke", f"data.train_file={train}", f"data.validation_file={dev}")
     with pytest.raises(tasks.TaskError, match="version_2_with_negative=true"):
         finetune.finetune(run, tmp_path / "run")
 
 
 def test_sft_learns_the_responses_and_never_the_prompts(tmp_path):
-    train, dev = task_files.write_prompt_response(tmp_path / "data")
+    train, dev = demo_tasks.write_prompt_response(tmp_path / "data")
     run = _config("sft@smoke", f"data.train_file={train}", f"data.validation_file={dev}",
                   "data.seq_len=32")  # fmt: skip
     results = finetune.finetune(run, tmp_path / "run")
@@ -221,6 +220,8 @@ def test_task_settings_are_checked_where_they_are_read(tmp_path):
         finetune.finetune(_config("files@smoke"), tmp_path / "b")
     with pytest.raises(config_lib.ConfigError, match="pretraining runs train.num_steps"):
         config_lib.load_config("configs/bert.py:smoke", ["train.epochs=3"])
+    with pytest.raises(config_lib.ConfigError, match="evaluates its whole dev split"):
+        _config("sst2@smoke", "train.eval_steps=2")
     with pytest.raises(config_lib.ConfigError, match="bert does not fine-tune"):
         config_lib.load_config("configs/finetune.py:bert-sft@smoke")
 

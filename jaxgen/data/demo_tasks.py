@@ -1,9 +1,11 @@
-"""Synthetic fine-tuning tasks made from the built-in corpus, written in the layouts users have.
+"""Small fine-tuning tasks made from the built-in corpus, in the file layouts real tasks have, so
+that every fine-tuning path runs with no download (the tests and experiments/finetune_demo.py).
 
 `topic_examples`: which of two documents (the str methods section, the debugger commands section)
 a window of three consecutive sentences comes from; the last fifth of each document is the dev
 split, so dev windows are text the model never saw. `write_sst2` writes them in GLUE's SST-2
-layout, `write_prompt_response` as SFT JSONL whose response names the document.
+layout, `write_prompt_response` as SFT JSONL whose response names the document, `write_squad` a
+span task (which name a sentence quotes; v2.0: or none) as SQuAD JSON.
 """
 
 from __future__ import annotations
