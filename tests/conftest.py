@@ -25,3 +25,11 @@ def pytest_sessionfinish(session, exitstatus):
     """Removes this session's compilation cache so repeated runs do not fill the temp dir."""
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Runs the files holding slow end-to-end tests first, each file's tests in their order: the
+    suite runs on two workers file by file (pyproject's addopts), and a long file started last
+    would leave one worker idle while the other finishes it."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within files

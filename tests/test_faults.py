@@ -1,6 +1,8 @@
-"""The CI-sized subset of experiments/faults.py: one trial of each fault that does not depend on
-timing (kill mid-save, SIGTERM, a damaged newest checkpoint, a NaN loss, a data pipeline error),
-each survived: the rerun finishes with the uninterrupted run's parameters bit for bit."""
+"""The CI-sized subset of experiments/faults.py: one trial of each fault no other test injects (a
+kill in the middle of an asynchronous save, an error in the data pipeline), each survived: the
+rerun finishes with the uninterrupted run's parameters bit for bit. tests/train/test_loop.py
+covers SIGTERM, a damaged newest checkpoint and a NaN loss (and tests/test_multiprocess.py SIGTERM
+on two processes); the experiment runs every fault many times (README, "Faults")."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 
 from tests.scripts import load_script
 
-SUBSET = ["kill-save", "term", "corrupt", "nan", "data-error"]
+SUBSET = ["kill-save", "data-error"]
 
 
 @pytest.mark.slow
@@ -25,6 +27,6 @@ def test_each_fault_is_survived(tmp_path, capsys):
     failed = {k: r["problems"] for k, r in records.items() if not r["survived"]}
     assert code == 0 and not failed, failed
     assert sorted(r["fault"] for r in records.values()) == sorted(SUBSET)
-    assert "RESULT faults trials=5 survived=5" in out
+    assert f"RESULT faults trials={len(SUBSET)} survived={len(SUBSET)}" in out
     # A survived trial's workdir is removed; the references stay for a rerun.
     assert not any((tmp_path / "base" / "trials").iterdir())

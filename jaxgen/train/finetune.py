@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ from jaxgen.train.state import TrainState
 log = logging.getLogger("jaxgen")
 
 RESULTS_FILE = "eval_results.json"
+# What `task_metrics.glue_metrics` reports, the metrics the GLUE average reads.
+GLUE_METRICS = ("mcc", "accuracy", "f1", "pearson", "spearman", "combined_score")
 TAG_EPOCH = 6  # the host random stream of the epoch permutations (objectives' TAG_* go to 5)
 
 
@@ -330,6 +332,26 @@ def _read_results(workdir: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         log.warning("%s is unreadable; the best result is recomputed from here on", path)
         return {}
+
+
+def glue_average(workdirs: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """{'glue_score', 'tasks': {task: metrics}} of fine-tuning runs on GLUE tasks, one run per
+    task: each run's best evaluation (its eval_results.json), averaged as the GLUE benchmark
+    averages (`task_metrics.glue_score`: two-metric tasks by their mean, MNLI's two splits as
+    one task)."""
+    per_task: dict[str, dict[str, float]] = {}
+    for workdir in workdirs:
+        results = _read_results(Path(workdir))
+        if "best" not in results:
+            raise ValueError(f"{workdir} has no {RESULTS_FILE}: fine-tune a GLUE task there first")
+        task = results["task"]
+        if task not in task_lib.GLUE:
+            raise ValueError(f"{workdir} fine-tuned data.task={task!r}, not a GLUE task")
+        if task in per_task:
+            raise ValueError(f"two runs of {task} among {[str(w) for w in workdirs]}; keep one")
+        best = results["best"]
+        per_task[task] = {k: float(best[k]) for k in GLUE_METRICS if k in best}
+    return {"glue_score": task_metrics.glue_score(per_task), "tasks": per_task}
 
 
 def run_epochs(

@@ -329,6 +329,17 @@ def squad_nbest(
     }
 
 
+def _whole_words(context: str, start: int, end: int) -> str:
+    """context[start:end] widened to the letters and digits of the words it cuts into: a span
+    from a WordPiece continuation ('##sert') answers with the whole word ('assert'), as
+    run_squad.py's whitespace tokens do; punctuation around a word (quotes) stays out."""
+    while start > 0 and context[start - 1].isalnum() and context[start].isalnum():
+        start -= 1
+    while end < len(context) and context[end].isalnum() and context[end - 1].isalnum():
+        end += 1
+    return context[start:end]
+
+
 def _decode(
     context: str,
     windows: Sequence[SquadWindow],
@@ -353,7 +364,7 @@ def _decode(
             for e in _best_indexes(ends, n_best):
                 if offsets[e, 0] < 0 or e < s or e - s + 1 > max_answer_len:
                     continue
-                text = context[offsets[s, 0] : offsets[e, 1]]
+                text = _whole_words(context, offsets[s, 0], offsets[e, 1])
                 candidates.append((starts[s] + ends[e], text, starts[s], ends[e]))
     if with_negative:
         candidates.append((null[0], "", null[1], null[2]))

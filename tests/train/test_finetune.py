@@ -46,6 +46,7 @@ def _eval_rows(workdir):
     return [r for r in rows if r["split"] == "eval"]
 
 
+@pytest.mark.slow
 def test_bert_classifier_learns_and_keeps_its_best_evaluation(bert_run, sst2_dir):
     workdir, results = bert_run
     train, dev = demo_tasks.topic_examples()
@@ -94,11 +95,13 @@ def test_evaluation_counts_every_dev_example_once(bert_run, sst2_dir):
     assert metrics["accuracy"] == pytest.approx(np.mean(raw == data.dev["label"]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_gpt_classifies_from_its_last_real_token(tmp_path, sst2_dir):
     results = finetune.finetune(_config("gpt-sst2@smoke", f"data.task_dir={sst2_dir}"), tmp_path)
     assert results["best"]["accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_t5_learns_the_task_as_text(tmp_path, sst2_dir):
     """Targets are SST-2's class names as T5 writes them (negative/positive), decoded greedily
     and mapped back to labels. (From scratch, T5's smoke model learns this quickly only without
@@ -112,6 +115,7 @@ def test_t5_learns_the_task_as_text(tmp_path, sst2_dir):
     assert {line.split("\t")[1] for line in lines} <= {"0", "1", "invalid"}
 
 
+@pytest.mark.slow
 def test_bert_extracts_answer_spans_and_abstains_where_there_is_none(tmp_path):
     """SQuAD v2.0 in miniature: which name a sentence quotes, or (sentences without quotes) no
     answer. Chance is a few percent exact match; the decoded answers, n-best lists and null odds
@@ -144,6 +148,7 @@ def test_a_squad_v2_file_needs_the_v2_setting(tmp_path):
         finetune.finetune(run, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_sft_learns_the_responses_and_never_the_prompts(tmp_path):
     train, dev = demo_tasks.write_prompt_response(tmp_path / "data")
     run = _config("sft@smoke", f"data.train_file={train}", f"data.validation_file={dev}",
@@ -174,6 +179,7 @@ def test_sft_weights_only_the_response_and_its_end_of_text():
     assert batch["weights"][1].sum() == 0  # a prompt that fills the row leaves no response
 
 
+@pytest.mark.slow
 def test_lora_fine_tuning_trains_the_adapters_and_the_head_only(tmp_path, bert_run, sst2_dir):
     base_dir, _ = bert_run
     run = _config("sst2@smoke", f"data.task_dir={sst2_dir}", f"train.init_from={base_dir}",
@@ -276,3 +282,19 @@ def test_fine_tuning_configs_reproduce_the_papers_recipes():
     t5 = config_lib.load_config("configs/finetune.py:t5-rte")
     assert t5.optim.name == "adafactor" and t5.optim.learning_rate == 1e-3
     assert t5.train.batch_size == 128 and t5.model.num_layers == 6
+
+
+def test_glue_average_of_one_run_per_task(tmp_path):
+    bests = {"cola": {"mcc": 0.5}, "mrpc": {"accuracy": 0.8, "f1": 0.9, "combined_score": 0.85},
+             "mnli": {"accuracy": 0.7}, "mnli_mismatched": {"accuracy": 0.9}}  # fmt: skip
+    for task, best in bests.items():
+        (tmp_path / task).mkdir()
+        results = {"task": task, "best": {"step": 3, "split": "eval", "loss": 1.0, **best}}
+        (tmp_path / task / finetune.RESULTS_FILE).write_text(json.dumps(results))
+    average = finetune.glue_average([tmp_path / t for t in bests])
+    assert average["glue_score"] == pytest.approx((0.5 + 0.85 + 0.8) / 3)
+    assert average["tasks"]["mrpc"] == bests["mrpc"]
+    with pytest.raises(ValueError, match="two runs of cola"):
+        finetune.glue_average([tmp_path / "cola", tmp_path / "cola"])
+    with pytest.raises(ValueError, match="has no eval_results.json"):
+        finetune.glue_average([tmp_path])

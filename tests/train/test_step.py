@@ -49,7 +49,10 @@ def micro_weights(objective, batch, accum: int) -> list[dict[str, float]]:
     return out
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt", "t5"])
+# The step's accumulation reads only the objective's loss weights; BERT (masked positions and
+# NSP) and GPT (padded windows) differ in how real targets fall among micro-batches, T5's decoder
+# weights as GPT's do, and tests/objectives/test_contract.py reduces every family's metrics.
+@pytest.mark.parametrize("family", ["bert", "gpt"])
 def test_accumulated_gradients_equal_the_full_batch(family):
     objective, grad_fn, params, batch = setup(family, z_loss=1e-3)
     # The micro-batches really hold different numbers of real targets.

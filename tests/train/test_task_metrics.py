@@ -165,6 +165,25 @@ def test_squad_nbest_picks_window_and_span():
     assert squad_nbest(start, end, windows, [example])["q"].text == "w7 w8 w9"
 
 
+def test_squad_answers_are_whole_words_without_the_quotes_around_them():
+    """A span that starts or ends inside a word (a WordPiece continuation) answers with the whole
+    word; punctuation next to a word is not part of it."""
+
+    def pieces(text):  # letters in pieces of 3, punctuation alone: "assert" -> "ass", "ert"
+        return [(VOCAB.setdefault(m.group(), 10 + len(VOCAB)), (m.start(), m.end()))
+                for m in re.finditer(r"[a-z]{1,3}|[^a-z\s]", text)]  # fmt: skip
+
+    context = 'use "assert" here'
+    example = SquadExample("w", "q", context, (("assert", 5),))
+    windows = squad_windows(example, pieces, cls_id=2, sep_id=3, max_seq_len=16, max_query_len=2)
+    doc = int(np.argmax(windows[0].segment_ids))  # where the context's first token sits
+    start, end = np.zeros([1, 16]), np.zeros([1, 16])
+    start[0, doc + 3], end[0, doc + 3] = 5.0, 5.0  # "ert" alone, the second piece of "assert"
+    assert squad_nbest(start, end, windows, [example])["w"].text == "assert"
+    start[0, doc + 1], end[0, doc + 4] = 9.0, 9.0  # from '"' through the closing '"'
+    assert squad_nbest(start, end, windows, [example])["w"].text == '"assert"'
+
+
 def test_squad_null_threshold_both_ways():
     example, windows, start, end = squad_setup()
     # [CLS] scores per window: 8, 6, 10, 14; the null score is the smallest, 6 (window 1).

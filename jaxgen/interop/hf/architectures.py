@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, str] = {
     "BertModel": "bert",
     "BertForMaskedLM": "bert",
     "BertForSequenceClassification": "bert",
+    "BertForQuestionAnswering": "bert",
     "GPT2LMHeadModel": "gpt",
     "GPT2Model": "gpt",
     "T5ForConditionalGeneration": "t5",
@@ -71,6 +72,7 @@ def _bert_from_hf(hf: Mapping[str, Any], arch: str, common: dict[str, Any]) -> d
         init_std=float(_hf_get(hf, "initializer_range", 0.02)),
         type_vocab_size=_hf_get(hf, "type_vocab_size", 2),
         num_labels=_num_labels(hf) if arch == "BertForSequenceClassification" else 0,
+        span_head=arch == "BertForQuestionAnswering",
     )
 
 
@@ -275,7 +277,14 @@ EXPORT_CLASSIFIER = {"bert": "BertForSequenceClassification"}
 
 
 def export_architecture(cfg: ModelConfig) -> str:
-    """The HF architecture a jaxgen model exports as (a BERT classifier: its own)."""
+    """The HF architecture a jaxgen model exports as (a BERT classifier or span model: its own)."""
+    if getattr(cfg, "span_head", False):
+        if cfg.num_labels:
+            raise ValueError(
+                "a model with both a classifier (model.num_labels) and a span head has no HF "
+                "architecture; export one of them"
+            )
+        return "BertForQuestionAnswering"
     if cfg.num_labels:
         # The HF classes are per family: only BERT's classifier has an importer and exporter.
         if cfg.family not in EXPORT_CLASSIFIER:

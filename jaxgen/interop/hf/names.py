@@ -40,10 +40,12 @@ OPTIONAL_PARAMS = {
     "BertModel": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/"),
     "BertForMaskedLM": ("pooler/", "nsp/"),
     "BertForSequenceClassification": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/"),
+    "BertForQuestionAnswering": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/", "pooler/"),
 }
 # jaxgen parameters an exported architecture does not hold.
 NOT_EXPORTED = {
     "BertForSequenceClassification": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/"),
+    "BertForQuestionAnswering": ("mlm_dense/", "mlm_norm/", "mlm_bias", "nsp/", "pooler/"),
 }
 # Non-parameter buffers that some checkpoints carry.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
@@ -172,6 +174,8 @@ def bert_rules(cfg: ModelConfig) -> list[Rule]:
     rules += _dense("cls.seq_relationship", "nsp")
     if cfg.num_labels:
         rules += _dense("classifier", "classifier")
+    if cfg.span_head:  # BertForQuestionAnswering: [start, end] per token
+        rules += _dense("qa_outputs", "span")
     return rules
 
 
@@ -242,7 +246,9 @@ def _bert_names(name: str) -> str:
     name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
         "LayerNorm.beta", "LayerNorm.bias"
     )
-    return name if name.startswith(("bert.", "cls.", "classifier.")) else "bert." + name
+    return (
+        name if name.startswith(("bert.", "cls.", "classifier.", "qa_outputs.")) else "bert." + name
+    )
 
 
 def _gpt_names(name: str) -> str:

@@ -312,3 +312,33 @@ def test_bert_sequence_classifier_converts_with_its_logits(num_labels, tmp_path)
     # The same weights; torch's kernels may order a 1-wide output's sum differently.
     torch.testing.assert_close(again.eval()(**inputs).logits, reference(**inputs).logits,
                                rtol=0, atol=1e-6)  # fmt: skip
+
+
+def test_bert_question_answering_converts_with_its_span_logits(tmp_path):
+    """A HF BertForQuestionAnswering gives jaxgen's span_logits (start, end), and exports back."""
+    config = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    reference = perturb(transformers.BertForQuestionAnswering(config), 4)
+    loaded, params = hf.load(save(reference, tmp_path / "hf"))
+    assert loaded.model.span_head and not loaded.model.num_labels
+    batch = _bert_batch()
+    inputs = dict(input_ids=_long(batch["input_ids"]), token_type_ids=_long(batch["segment_ids"]),
+                  attention_mask=_long(batch["attention_mask"]))  # fmt: skip
+    out = jax.jit(models.build(loaded.model).apply)(
+        {"params": params}, batch["input_ids"], batch["segment_ids"], batch["attention_mask"]
+    )
+    expected = reference(**inputs)
+    np.testing.assert_allclose(out["span_logits"][..., 0], expected.start_logits.numpy(),
+                               atol=ATOL, rtol=0)  # fmt: skip
+    np.testing.assert_allclose(out["span_logits"][..., 1], expected.end_logits.numpy(),
+                               atol=ATOL, rtol=0)  # fmt: skip
+    hf.save(loaded, params, tmp_path / "export")
+    again, info = transformers.BertForQuestionAnswering.from_pretrained(
+        tmp_path / "export", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for name, value in again.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=0, atol=0, msg=name)
