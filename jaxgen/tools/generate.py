@@ -35,6 +35,11 @@ class _Run:
         self.config = config_lib.load_saved_config(config_file)
         self.workdir = workdir
         self.family = self.config.family
+        if self.family == "gpt" and self.config.model.num_labels:  # the score head replaces it
+            raise ValueError(
+                f"{workdir} holds a GPT classifier (model.num_labels="
+                f"{self.config.model.num_labels}), which has no LM head to sample from"
+            )
 
     def load(self) -> None:
         """Reads the checkpoint and the tokenizer (slow; after the cheap checks)."""

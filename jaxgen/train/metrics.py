@@ -5,9 +5,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors (2.2 s of
+    every run's start-up where torch is installed, `python -X importtime`); jaxgen logs floats.
+    A None entry in sys.modules makes that import fail as if torch were absent, and is removed
+    again, so torch stays importable.
+    """
+    if "torch" in sys.modules:  # already paid for (or already blocked)
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -32,9 +53,7 @@ class MetricsWriter:
             if resume_step == 0:
                 kept = []
             self.path.write_text("".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(Path(workdir)), flush_secs=30)
+        self._tb = _summary_writer_class()(str(Path(workdir)), flush_secs=30)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Records one row {"step", "split", **metrics} and returns it."""

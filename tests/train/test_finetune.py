@@ -16,6 +16,7 @@ from jaxgen import objectives, parallel
 from jaxgen.data import demo_tasks, tasks
 from jaxgen.models import lora as lora_lib
 from jaxgen.objectives import task as task_lib
+from jaxgen.tools import generate
 from jaxgen.train import checkpoint, finetune, loop
 
 FAST = ["model.vocab_size=2000", "data.seq_len=32", "train.batch_size=16",
@@ -99,6 +100,8 @@ def test_evaluation_counts_every_dev_example_once(bert_run, sst2_dir):
 def test_gpt_classifies_from_its_last_real_token(tmp_path, sst2_dir):
     results = finetune.finetune(_config("gpt-sst2@smoke", f"data.task_dir={sst2_dir}"), tmp_path)
     assert results["best"]["accuracy"] > 0.8
+    with pytest.raises(ValueError, match="no LM head to sample from"):
+        generate.generate(tmp_path, "a prompt")
 
 
 @pytest.mark.slow
