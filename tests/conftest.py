@@ -27,19 +27,9 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-# The files that take longest, longest first (their test durations summed, measured on 2 cores;
-# `--durations` re-measures). On two workers each file runs on one; started last, a long file
-# would leave the other worker idle while it finishes.
-LONGEST_FILES = (
-    "test_loop.py", "test_finetune.py", "test_multiprocess.py", "test_mesh_equivalence.py",
-    "test_faults.py", "test_flash_equivalence.py", "test_config_keys.py", "test_step.py",
-    "test_compile.py", "test_sweep_e2e.py", "test_scan.py", "test_lora.py", "test_prepare.py",
-    "test_generate.py", "test_remat.py", "test_peft.py", "test_names.py", "test_learning.py",
-)  # fmt: skip
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """Runs the longest files first (LONGEST_FILES, then the rest), each file's tests in their
-    order, so that the two workers finish together."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within files
+    """Runs the files holding slow end-to-end tests first, each file's tests in their order: the
+    suite runs on two workers file by file (pyproject's addopts), and a long file started last
+    would leave one worker idle while the other finishes it."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within files
