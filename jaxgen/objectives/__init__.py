@@ -135,9 +135,11 @@ class TaskObjective(StepObjective, Protocol):
     t5_text, bert_span): in place of prepared records `encode`, which turns a split's examples
     into host arrays of the spec. Data: its section class (a `jaxgen.objectives.task.TaskData`).
     PREDICTS: 'labels' (class ids or floats [N]), 'spans' (answer start and end logits of each
-    of its `windows`) or '' (none: scored by the loss); with predictions it has `predict_fn`
-    (params, batch -> raw predictions) and, for labels, `postprocess` (a split's raw predictions
-    and examples -> the labels)."""
+    of its `windows`) or '' (none: scored by the loss); with predictions it has
+    `predict_outputs` (the evaluation forward's outputs, batch -> raw predictions) or, where the
+    predictions need more than that forward (T5 decodes), `predict_fn` (params, batch -> raw
+    predictions); for labels also `postprocess` (a split's raw predictions and examples -> the
+    labels)."""
 
     Data: type
     PREDICTS: str

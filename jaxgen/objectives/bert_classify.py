@@ -10,13 +10,12 @@ implements `jaxgen.objectives.TaskObjective`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from jaxgen.config import require
 from jaxgen.objectives import task
@@ -141,12 +140,9 @@ def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.sum(batch["attention_mask"]))
 
 
-def predict_fn(module: nn.Module, data: Data, tokenizer: Any) -> Callable[[Any, Batch], jax.Array]:
-    """A jitted fn(params, batch) -> [B] float32 predictions: the class id, or the regression
-    value."""
-    return task.classifier_predict_fn(
-        module, model_inputs, lambda outputs, batch: outputs["classifier_logits"]
-    )
+def predict_outputs(outputs: Mapping[str, jax.Array], batch: Batch) -> jax.Array:
+    """[B] float32 predictions of the evaluation forward: the class id, or the regression value."""
+    return task.class_predictions(_logits(outputs, batch))
 
 
 postprocess = task.label_predictions

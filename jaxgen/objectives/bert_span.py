@@ -13,13 +13,12 @@ null_score_diff_threshold). The module implements `jaxgen.objectives.TaskObjecti
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from jaxgen.config import positive, require
 from jaxgen.data import tasks
@@ -172,11 +171,6 @@ def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.sum(batch["attention_mask"]))
 
 
-def predict_fn(module: nn.Module, data: Data, tokenizer: Any) -> Callable[[Any, Batch], jax.Array]:
-    """A jitted fn(params, batch) -> start and end logits [B, T, 2]."""
-
-    def predict(params: Any, batch: Batch) -> jax.Array:
-        outputs = module.apply({"params": params}, **model_inputs(batch), deterministic=True)
-        return outputs["span_logits"]
-
-    return jax.jit(predict)
+def predict_outputs(outputs: Mapping[str, jax.Array], batch: Batch) -> jax.Array:
+    """Start and end logits [B, T, 2] of the evaluation forward."""
+    return outputs["span_logits"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -227,21 +227,6 @@ def example_weights(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 def no_derived_metrics(means: Mapping[str, float]) -> dict[str, float]:
     """None: a task's metrics come from its predictions."""
     return {}
-
-
-def classifier_predict_fn(
-    module: Any,
-    model_inputs: Callable[[Mapping[str, jax.Array]], dict],
-    logits_of: Callable[[Any, Mapping[str, jax.Array]], jax.Array],
-) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
-    """A jitted fn(params, batch) -> [B] float32 predictions (class ids, or the regression value)
-    of the classifier logits [B, C] that `logits_of(outputs, batch)` takes from the model."""
-
-    def predict(params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-        outputs = module.apply({"params": params}, **model_inputs(batch), deterministic=True)
-        return class_predictions(logits_of(outputs, batch))
-
-    return jax.jit(predict)
 
 
 def label_predictions(

@@ -20,6 +20,7 @@ predictions in the GLUE server's format (`predictions/<task file>`, e.g. MRPC.ts
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from jaxgen.data import tokenizer as tokenizer_lib
 from jaxgen.objectives import task as task_lib
 from jaxgen.train import checkpoint as checkpoint_lib
 from jaxgen.train import loop, task_metrics
+from jaxgen.train import step as step_lib
 from jaxgen.train.metrics import MetricsWriter
 from jaxgen.train.state import TrainState
 
@@ -157,11 +159,19 @@ def train_batch(run: RunConfig, arrays: Mapping[str, np.ndarray], step: int) -> 
     rows = num_rows(arrays)
     per_epoch, size = steps_per_epoch(run, rows), run.train.batch_size
     epoch, index = divmod(step, per_epoch)
-    order = objectives.host_rng(run.train.seed, TAG_EPOCH, epoch).permutation(rows)
-    chosen = order[index * size : (index + 1) * size]
+    chosen = _epoch_order(run.train.seed, epoch, rows)[index * size : (index + 1) * size]
     local = size // jax.process_count()
     mine = chosen[jax.process_index() * local : (jax.process_index() + 1) * local]
     return {k: v[mine] for k, v in arrays.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, rows: int) -> np.ndarray:
+    """The train rows in epoch `epoch`'s order, drawn once per epoch (a step of a small model
+    takes less time than permuting MNLI's 393k rows)."""
+    order = objectives.host_rng(seed, TAG_EPOCH, epoch).permutation(rows)
+    order.flags.writeable = False  # shared by the epoch's steps
+    return order
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -175,13 +185,14 @@ class SplitResult:
     predictions: np.ndarray | None
 
 
+EvalFn = Callable[[Any, dict], tuple[dict, Any]]
+
+
 def evaluate_split(
-    trainer: loop.Trainer,
-    params: Any,
-    arrays: Mapping[str, np.ndarray],
-    predict: Callable[[Any, dict], Any] | None,
+    trainer: loop.Trainer, params: Any, arrays: Mapping[str, np.ndarray], evaluate: EvalFn
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """(the objective's metrics, raw predictions of every row) over a whole split: batches of
+    """(the objective's metrics, raw predictions of every row, or None) over a whole split of
+    `evaluate(params, batch) -> (metric sums, predictions or None)` on batches of
     train.batch_size, the last one padded with rows of weight 0."""
     size = trainer.run.train.batch_size
     rows = num_rows(arrays)
@@ -191,12 +202,28 @@ def evaluate_split(
         chunk = task_lib.pad_rows({k: v[start : start + size] for k, v in arrays.items()}, size)
         mine = {k: v[jax.process_index() * local : (jax.process_index() + 1) * local]
                 for k, v in chunk.items()}  # fmt: skip
-        batch = parallel.global_batch(mine, trainer.mesh)
-        sums.append(trainer.eval_step(params, batch))
-        if predict is not None:
-            raw.append(np.asarray(jax.device_get(predict(params, batch))))
+        batch_sums, predictions = evaluate(params, parallel.global_batch(mine, trainer.mesh))
+        sums.append(batch_sums)
+        if predictions is not None:
+            raw.append(np.asarray(jax.device_get(predictions)))
     metrics = objectives.reduce_metrics(trainer.objective, jax.device_get(sums))
     return metrics, np.concatenate(raw)[:rows] if raw else None
+
+
+def eval_fn(trainer: loop.Trainer, tokenizer: Any) -> EvalFn:
+    """The task's `evaluate(params, batch) -> (metric sums, predictions or None)`: one forward
+    where the objective predicts from it (`predict_outputs`), else the evaluation step and the
+    objective's `predict_fn` (T5 decodes), or the evaluation step alone (no predictions)."""
+    objective = trainer.objective
+    if not objective.PREDICTS:
+        return lambda params, batch: (trainer.eval_step(params, batch), None)
+    if hasattr(objective, "predict_outputs"):
+        return step_lib.build_eval_step(
+            trainer.module, objective, trainer.mesh, trainer.shardings,
+            step_lib.StepOptions(z_loss=trainer.run.train.z_loss), objective.predict_outputs,
+        )  # fmt: skip
+    predict = objective.predict_fn(trainer.module, trainer.run.data, tokenizer)
+    return lambda params, batch: (trainer.eval_step(params, batch), predict(params, batch))
 
 
 def score_of(metrics: Mapping[str, float]) -> float:
@@ -212,17 +239,20 @@ class Evaluator:
     def __init__(self, trainer: loop.Trainer, data: TaskArrays, tokenizer: Any) -> None:
         self.trainer, self.data, self.tokenizer = trainer, data, tokenizer
         self.kind = trainer.objective.PREDICTS
-        self.predict = None
-        if self.kind:
-            self.predict = trainer.objective.predict_fn(trainer.module, trainer.run.data, tokenizer)
+        self.evaluate = eval_fn(trainer, tokenizer)
+        self._windows: dict[str, Any] = {}  # SQuAD's windows of a split, built once
 
-    def predictions(self, raw: np.ndarray, examples: list[Any]) -> Any:
-        """A split's raw predictions decoded: labels [N], or {question id: SquadPrediction}."""
+    def predictions(self, raw: np.ndarray, split: str) -> Any:
+        """Split `split`'s raw predictions decoded: labels [N], or {question id:
+        SquadPrediction}."""
         run, objective = self.trainer.run, self.trainer.objective
+        examples = getattr(self.data.splits, split)
         if self.kind == "spans":
             data = run.data
+            if split not in self._windows:
+                self._windows[split] = objective.windows(examples, self.tokenizer, data)
             return task_metrics.squad_nbest(
-                raw[:, :, 0], raw[:, :, 1], objective.windows(examples, self.tokenizer, data),
+                raw[:, :, 0], raw[:, :, 1], self._windows[split],
                 examples, n_best=data.n_best_size, max_answer_len=data.max_answer_length,
                 version_2_with_negative=data.version_2_with_negative,
                 null_score_diff_threshold=data.null_score_diff_threshold,
@@ -231,11 +261,11 @@ class Evaluator:
 
     def dev(self, params: Any) -> SplitResult:
         """The dev split's loss, objective metrics, task metrics and `score`."""
-        metrics, raw = evaluate_split(self.trainer, params, self.data.dev, self.predict)
+        metrics, raw = evaluate_split(self.trainer, params, self.data.dev, self.evaluate)
         if raw is None:
             return SplitResult(metrics, None)
         splits = self.data.splits
-        predictions = self.predictions(raw, splits.dev)
+        predictions = self.predictions(raw, "dev")
         if self.kind == "spans":
             texts = {qid: p.text for qid, p in predictions.items()}
             scores = task_metrics.squad_scores(texts, splits.dev)
@@ -248,10 +278,10 @@ class Evaluator:
 
     def test(self, params: Any) -> Any:
         """Predictions of the test split (None without one, or for a task without predictions)."""
-        if self.data.test is None or self.predict is None:
+        if self.data.test is None or not self.kind:
             return None
-        _, raw = evaluate_split(self.trainer, params, self.data.test, self.predict)
-        return self.predictions(raw, self.data.splits.test)
+        _, raw = evaluate_split(self.trainer, params, self.data.test, self.evaluate)
+        return self.predictions(raw, "test")
 
 
 def write_predictions(

@@ -298,14 +298,17 @@ def build_eval_step(
     mesh: Mesh,
     state_shardings: TrainState,
     options: StepOptions = StepOptions(),
-) -> Callable[[Any, Batch], dict[str, tuple[jax.Array, jax.Array]]]:
-    """Returns the jitted `eval_step(params, batch) -> {name: (sum, weight)}` (no dropout)."""
+    predict_outputs: Callable[[Any, Batch], jax.Array] | None = None,
+) -> Callable[[Any, Batch], Any]:
+    """Returns the jitted `eval_step(params, batch) -> {name: (sum, weight)}` (no dropout); with
+    `predict_outputs(outputs, batch)`, `-> ({name: (sum, weight)}, predictions)` of one forward."""
 
-    def step(params: Any, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+    def step(params: Any, batch: Batch) -> Any:
         outputs = module.apply(
             {"params": params}, **objective.model_inputs(batch), deterministic=True
         )
-        return objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
+        sums = objective.loss_and_metrics(outputs, batch, z_loss=options.z_loss)
+        return sums if predict_outputs is None else (sums, predict_outputs(outputs, batch))
 
     jitted = jax.jit(
         step,
@@ -313,7 +316,7 @@ def build_eval_step(
         out_shardings=parallel.replicated(mesh),
     )
 
-    def eval_step(params: Any, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+    def eval_step(params: Any, batch: Batch) -> Any:
         with parallel.mesh_context(mesh):
             return jitted(params, batch)
 
