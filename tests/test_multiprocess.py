@@ -5,7 +5,8 @@ builds its half of every batch). The 2-process run stops at step 5 and resumes f
 checkpoint (written by both processes) to step 10; every logged loss must match the uninterrupted
 1-process run. The only expected difference is the order of the cross-device sums (gloo between
 two processes vs. within one), so losses agree to rtol 1e-5 rather than bit for bit (observed:
-about 1e-7). All runs are subprocesses with the same XLA flags, so they compile alike.
+about 1e-7). The 1-process reference trains in the test process, whose XLA flags (tests/conftest.py)
+the subprocesses copy, so they compile alike.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from jaxgen.config import load_config
+from jaxgen.train import loop
 from jaxgen.train.metrics import read_metrics
 from tests.tiny_runs import TINY
 
@@ -184,10 +188,12 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     cache = tmp_path / "cache"
     common = [*TINY_BERT, f"data.cache_dir={cache}"]
 
-    # The reference: 1 process with 8 devices. It also fills the shared token and tokenizer cache,
+    # The reference: this process's 8 devices. It also fills the shared token and tokenizer cache,
     # so the 2-process runs only load it.
     reference = tmp_path / "one_process"
-    _train(reference, [*common, f"train.num_steps={NUM_STEPS}"], 1, tmp_path, "reference")
+    assert jax.device_count() == 8 and jax.process_count() == 1
+    loop.train(load_config("configs/bert.py:smoke", [*common, f"train.num_steps={NUM_STEPS}"]),
+               reference)  # fmt: skip
 
     workdir = tmp_path / "two_processes"
     _train(workdir, [*common, "train.num_steps=5"], 2, tmp_path, "first")

@@ -212,8 +212,8 @@ def test_batched_bias_and_small_blocks():
 # narrower than a block and one spanning several, a prompt offset known at trace time (tiles
 # outside the band skipped) and the same offset traced (every tile visited, masked).
 WINDOW_CASES = {
-    "window-3": dict(length=200, cross=False, window=3, q_offset=0),
-    "window-40": dict(length=200, cross=False, window=40, q_offset=0),
+    "window-3": dict(length=104, cross=False, window=3, q_offset=0),
+    "window-40": dict(length=104, cross=False, window=40, q_offset=0),
     "offset": dict(length=7, cross=True, window=None, q_offset=193),
     "offset+window": dict(length=7, cross=True, window=30, q_offset=193),
     "traced-offset+window": dict(length=7, cross=True, window=30, q_offset="traced"),
