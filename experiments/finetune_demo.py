@@ -4,7 +4,8 @@
 
 The tasks are `jaxgen.data.demo_tasks` (the ones tests/train/test_finetune.py trains on): which of
 two documents a passage comes from, in GLUE's SST-2 layout (BERT and GPT classifiers, T5 as text),
-the same as prompt/response SFT (GPT), and SQuAD v2.0 spans (which name a sentence quotes, or
+a score per document as generic JSONL with float labels (GPT regression), the same as
+prompt/response SFT (GPT), and SQuAD v2.0 spans (which name a sentence quotes, or
 none). Models are the smoke rows, trained from scratch with the tests' settings, so the numbers
 show each head learning, not pretrained quality. Each line reads `RESULT task=<name> steps=<n>
 seconds=<s> metric=<name> start=<value at step 0> best=<best value>`.
@@ -32,10 +33,22 @@ def runs(data: Path) -> list[tuple[str, str, list[str], str]]:
     demo_tasks.write_sst2(sst2)
     sft_train, sft_dev = demo_tasks.write_prompt_response(data / "sft")
     squad_train, squad_dev = demo_tasks.write_squad(data / "squad", impossible=True)
+    scores_train, scores_dev = demo_tasks.write_topic_scores(data / "scores")
     glue = [f"data.task_dir={sst2}"]
     return [
         ("bert-classifier", "sst2@smoke", glue, "accuracy"),
         ("gpt-classifier", "gpt-sst2@smoke", glue, "accuracy"),
+        (
+            "gpt-regression",
+            "gpt-files@smoke",
+            [
+                f"data.train_file={scores_train}",
+                f"data.validation_file={scores_dev}",
+                "model.num_labels=1",
+                "optim.learning_rate=3e-3",
+            ],
+            "pearson",
+        ),  # fmt: skip
         (
             "t5-text-to-text",
             "t5-sst2@smoke",

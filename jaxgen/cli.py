@@ -52,17 +52,16 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         if objectives.is_task(run):  # a config whose data names a task fine-tunes on it
             results = finetune.finetune(run, args.workdir)
-            rows = [results["best"]]
-            print(f"best eval at step {results['best_step']} of {results['num_steps']}:")
+            lines = [(f"best eval (step {results['best_step']} of {results['num_steps']})",
+                      results["best"]), ("last eval", results["last"])]  # fmt: skip
         else:
             rows = loop.train(run, args.workdir)
+            lines = [("final eval", rows[-1])] if rows else []
     except loop.Preempted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130
-    if rows:
-        print(
-            "final eval: " + ", ".join(_metric(k, v) for k, v in rows[-1].items() if k != "split")
-        )
+    for label, row in lines:
+        print(f"{label}: " + ", ".join(_metric(k, v) for k, v in row.items() if k != "split"))
     return 0
 
 

@@ -45,6 +45,8 @@ def _settings(
 
 
 def _tokens(ids: Any, name: str, vocab_size: int | None = None) -> jax.Array:
+    if isinstance(ids, jax.Array):  # checked where it lies: a batch may span several hosts
+        return _device_tokens(ids, name, vocab_size)
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise ValueError(f"{name} must be [batch, length] token ids; got shape {ids.shape}")
@@ -56,6 +58,25 @@ def _tokens(ids: Any, name: str, vocab_size: int | None = None) -> jax.Array:
             f"{name} has ids outside [0, {vocab_size}): min {ids.min()}, max {ids.max()}"
         )
     return jnp.asarray(ids, jnp.int32)
+
+
+def _device_tokens(ids: jax.Array, name: str, vocab_size: int | None) -> jax.Array:
+    """`_tokens` of a device array (a global batch of a multi-host mesh has no host copy): the
+    range check reduces on the devices, and only its two numbers come back."""
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length] token ids; got shape {ids.shape}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
+    if vocab_size is not None and ids.size:
+        low, high = (int(v) for v in np.asarray(_id_range(ids)))  # replicated: every host has it
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} has ids outside [0, {vocab_size}): min {low}, max {high}")
+    return ids.astype(jnp.int32)
+
+
+@jax.jit
+def _id_range(ids: jax.Array) -> jax.Array:
+    return jnp.stack([jnp.min(ids), jnp.max(ids)])
 
 
 def choose_tokens(

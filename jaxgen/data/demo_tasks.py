@@ -4,8 +4,9 @@ that every fine-tuning path runs with no download (the tests and experiments/fin
 `topic_examples`: which of two documents (the str methods section, the debugger commands section)
 a window of three consecutive sentences comes from; the last fifth of each document is the dev
 split, so dev windows are text the model never saw. `write_sst2` writes them in GLUE's SST-2
-layout, `write_prompt_response` as SFT JSONL whose response names the document, `write_squad` a
-span task (which name a sentence quotes; v2.0: or none) as SQuAD JSON.
+layout, `write_topic_scores` as a generic JSONL regression task (a score per document),
+`write_prompt_response` as SFT JSONL whose response names the document, `write_squad` a span task
+(which name a sentence quotes; v2.0: or none) as SQuAD JSON.
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def write_sst2(directory: Path) -> tuple[int, int]:
     test = "".join(f"{i}\t{text}\n" for i, (text, _) in enumerate(dev[:10]))
     (directory / "test.tsv").write_text("index\tsentence\n" + test)
     return len(train), len(dev)
+
+
+SCORES = (1.0, 4.0)  # the regression target of each document
+
+
+def write_topic_scores(directory: Path) -> tuple[Path, Path]:
+    """The topic task as generic JSONL regression files (train, dev): `text` and a float `label`,
+    SCORES[document]."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "dev"), topic_examples(), strict=True):
+        lines = [json.dumps({"text": text, "label": SCORES[label]}) for text, label in rows]
+        path = directory / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def write_prompt_response(directory: Path) -> tuple[Path, Path]:

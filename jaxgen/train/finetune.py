@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxgen import config as config_lib
@@ -204,8 +205,8 @@ def evaluate_split(
                 for k, v in chunk.items()}  # fmt: skip
         batch_sums, predictions = evaluate(params, parallel.global_batch(mine, trainer.mesh))
         sums.append(batch_sums)
-        if predictions is not None:
-            raw.append(np.asarray(jax.device_get(predictions)))
+        if predictions is not None:  # a global array: every process gets all of it
+            raw.append(multihost_utils.process_allgather(predictions, tiled=True))
     metrics = objectives.reduce_metrics(trainer.objective, jax.device_get(sums))
     return metrics, np.concatenate(raw)[:rows] if raw else None
 
@@ -223,7 +224,12 @@ def eval_fn(trainer: loop.Trainer, tokenizer: Any) -> EvalFn:
             step_lib.StepOptions(z_loss=trainer.run.train.z_loss), objective.predict_outputs,
         )  # fmt: skip
     predict = objective.predict_fn(trainer.module, trainer.run.data, tokenizer)
-    return lambda params, batch: (trainer.eval_step(params, batch), predict(params, batch))
+
+    def evaluate(params: Any, batch: dict) -> tuple[dict, Any]:
+        with parallel.mesh_context(trainer.mesh):
+            return trainer.eval_step(params, batch), predict(params, batch)
+
+    return evaluate
 
 
 def score_of(metrics: Mapping[str, float]) -> float:
