@@ -72,6 +72,17 @@ def test_small_rows_compile_for_v5e_with_the_flash_kernel(capsys, family):
     assert report["headroom_bytes"] == report["hbm_bytes"] - report["peak_bytes"]
 
 
+def test_a_fine_tuning_row_with_lora_compiles_for_v5e(capsys):
+    """The span head and LoRA's adapters (frozen base, trained adapters and head) lower for TPU."""
+    code, report = _compile(
+        capsys, "--config", "configs/finetune.py:squad@smoke", "--topology", "v5e-4",
+        "--config.lora.rank=4",
+    )  # fmt: skip
+    assert code == 0 and report["fits"] and report["error"] is None
+    assert [s["step"] for s in report["steps"]] == ["train", "eval"]
+    assert all(step["error"] is None and step["flops"] > 0 for step in report["steps"])
+
+
 def test_a_row_that_does_not_fit_exits_non_zero_naming_hbm(capsys):
     code, report = _compile(
         capsys, "--config", "configs/bert.py:smoke", "--topology", "v5e-1",
