@@ -25,9 +25,7 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from jaxgen import config as config_lib
 from jaxgen import objectives, parallel
@@ -405,7 +402,7 @@ def run_epochs(
     run, train = trainer.run, trainer.run.train
     results = _read_results(workdir) if start else {}
 
-    def evaluate(step: int, state: TrainState) -> None:
+    def evaluate(step: int, state: TrainState) -> str:
         dev = evaluator.dev(state.params)
         row = writer.write(step, "eval", dev.metrics)
         results["last"] = row
@@ -417,49 +414,20 @@ def run_epochs(
                        best_step=results["best"]["step"])  # fmt: skip
         if jax.process_index() == 0:
             _write_atomic(workdir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
+        return (
+            f"step {step}: eval loss {dev.metrics['loss']:.4f}, score {score_of(dev.metrics):.4f}"
+        )
+
+    def save_at(done: int, state: TrainState) -> None:
+        loop.check_finite(state, done, run, ckpt)
+        ckpt.save(done, loop.saved_state(run, state), {"step": done}, force=True)
 
     if not start or "best" not in results:
         evaluate(start, state)
-    pending: list[dict[str, Any]] = []
-    last_time, last_step, tokens = time.perf_counter(), start, 0
-    bar = tqdm(total=train.num_steps, initial=start, desc=f"finetune {run.data.task}",
-               disable=jax.process_index() != 0, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 10.0)  # fmt: skip
-    try:
-        with loop._StopSignal() as stop:
-            for step in range(start, train.num_steps):
-                local = train_batch(run, data.train, step)
-                tokens += trainer.objective.count_tokens(local) * jax.process_count()
-                state, metrics = trainer.train_step(
-                    state, parallel.global_batch(local, trainer.mesh)
-                )
-                pending.append(metrics)
-                done = step + 1
-                last = done == train.num_steps
-                if done % train.log_every == 0 or last:
-                    loop.check_finite(state, done, run, ckpt)
-                    elapsed = time.perf_counter() - last_time
-                    values = loop.train_row(
-                        trainer.objective, pending, tokens, elapsed, done - last_step
-                    )
-                    writer.write(done, "train", {**values, "batch_size": train.batch_size})
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-                    pending, last_time, last_step, tokens = [], time.perf_counter(), done, 0
-                if done % train.eval_every == 0 or last:
-                    loop.check_finite(state, done, run, ckpt)
-                    evaluate(done, state)
-                if done % train.checkpoint_every == 0 or last or stop.received:
-                    loop.check_finite(state, done, run, ckpt)
-                    ckpt.save(done, loop.saved_state(run, state), {"step": done}, force=True)
-                bar.update(1)
-                if stop.received:
-                    ckpt.wait()
-                    raise loop.Preempted(
-                        f"{stop.received} received: saved a checkpoint at step {done} in "
-                        f"{ckpt.directory}; run the same command again to resume"
-                    )
-    finally:
-        bar.close()
+    loop.drive(
+        trainer, state, start, lambda step: (train_batch(run, data.train, step), train.batch_size),
+        evaluate, save_at, writer, ckpt, f"finetune {run.data.task}",
+    )  # fmt: skip
     return results
 
 

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -511,31 +511,28 @@ def eval_row(
     return writer.write(step, "eval", metrics)
 
 
-def run_steps(
+def drive(
     trainer: Trainer,
     state: TrainState,
     start: int,
-    phases: Sequence[Phase],
-    data_state: dict[str, Any],
-    source: DataSource,
-    eval_sets: EvalSets,
+    next_batch: Callable[[int], tuple[dict[str, np.ndarray], int]],
+    evaluate: Callable[[int, TrainState], str | None],
+    save_at: Callable[[int, TrainState], None],
     writer: MetricsWriter,
     ckpt: checkpoint_lib.Checkpointer,
-) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Trains from `start` to train.num_steps: logs, evaluates and saves on their intervals, and
-    after SIGTERM/Ctrl-C saves and raises Preempted. Returns the state and the eval rows."""
+    desc: str,
+) -> TrainState:
+    """Steps from `start` to train.num_steps on `next_batch(step) -> (this process's rows, global
+    batch size)`: logs, `evaluate(done, state)` (a line to print, or None) and `save_at(done,
+    state)` on their intervals and at the end; after SIGTERM/Ctrl-C on any host every process
+    saves at the same step and Preempted is raised. Returns the final state."""
     run, train = trainer.run, trainer.run.train
-    phase = next((p for p in phases if p.start <= start < p.end), phases[-1])
-    eval_rows = (
-        [eval_row(trainer, state, 0, phase.data, eval_sets, writer, ckpt)] if not start else []
-    )
-    iterator = _train_iterator(source, phase, data_state)
     pending: list[dict[str, Any]] = []
     last_time, last_step, tokens = time.perf_counter(), start, 0
     bar = tqdm(
         total=train.num_steps,
         initial=start,
-        desc=f"train {run.family}",
+        desc=desc,
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
@@ -545,11 +542,7 @@ def run_steps(
         with _StopSignal(sigterm_to_jax=multi and _preemption_service()) as stop:
             agreed_stop = _StopAgreement(stop, train.checkpoint_every)
             for step in range(start, train.num_steps):
-                if step >= phase.end:
-                    phase = phases[phase.index + 1]
-                    iterator = _train_iterator(source, phase, {})
-                faults.at("data", step + 1)
-                local = faults.poison(next(iterator), step + 1)
+                local, batch_size = next_batch(step)
                 tokens += trainer.objective.count_tokens(local) * jax.process_count()
                 state, metrics = trainer.train_step(
                     state, parallel.global_batch(local, trainer.mesh)
@@ -564,27 +557,66 @@ def run_steps(
                     values = train_row(
                         trainer.objective, pending, tokens, elapsed, done - last_step
                     )
-                    writer.write(done, "train", {**values, "batch_size": phase.batch_size})
+                    writer.write(done, "train", {**values, "batch_size": batch_size})
                     bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
                     pending, last_time, last_step, tokens = [], time.perf_counter(), done, 0
                 if done % train.eval_every == 0 or last:
                     check_finite(state, done, run, ckpt)
-                    row = eval_row(trainer, state, done, phase.data, eval_sets, writer, ckpt)
-                    eval_rows.append(row)
-                    bar.write(f"step {done}: eval loss {float(row['loss']):.4f}")
+                    line = evaluate(done, state)
+                    if line:
+                        bar.write(line)
                 if done % train.checkpoint_every == 0 or last:
-                    save(ckpt, done, state, phase, iterator, run)
+                    save_at(done, state)
                 bar.update(1)
                 if agreed_stop(done):
-                    save(ckpt, done, state, phase, iterator, run)
+                    save_at(done, state)
                     ckpt.wait()
                     raise Preempted(
-                        f"{agreed_stop.reason()} received: saved a "
-                        f"checkpoint at step {done} in {ckpt.directory}; run the same command "
-                        "again to resume"
+                        f"{agreed_stop.reason()} received: saved a checkpoint at step {done} in "
+                        f"{ckpt.directory}; run the same command again to resume"
                     )
     finally:
         bar.close()
+    return state
+
+
+def run_steps(
+    trainer: Trainer,
+    state: TrainState,
+    start: int,
+    phases: Sequence[Phase],
+    data_state: dict[str, Any],
+    source: DataSource,
+    eval_sets: EvalSets,
+    writer: MetricsWriter,
+    ckpt: checkpoint_lib.Checkpointer,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains from `start` to train.num_steps through the batch-ramp phases (`drive`), saving the
+    data position with each checkpoint. Returns the state and the eval rows."""
+    phase = next((p for p in phases if p.start <= start < p.end), phases[-1])
+    eval_rows = (
+        [eval_row(trainer, state, 0, phase.data, eval_sets, writer, ckpt)] if not start else []
+    )
+    iterator = _train_iterator(source, phase, data_state)
+
+    def next_batch(step: int) -> tuple[dict[str, np.ndarray], int]:
+        nonlocal phase, iterator
+        if step >= phase.end:
+            phase = phases[phase.index + 1]
+            iterator = _train_iterator(source, phase, {})
+        faults.at("data", step + 1)
+        return faults.poison(next(iterator), step + 1), phase.batch_size
+
+    def evaluate(done: int, state: TrainState) -> str:
+        row = eval_row(trainer, state, done, phase.data, eval_sets, writer, ckpt)
+        eval_rows.append(row)
+        return f"step {done}: eval loss {float(row['loss']):.4f}"
+
+    def save_at(done: int, state: TrainState) -> None:
+        save(ckpt, done, state, phase, iterator, trainer.run)
+
+    state = drive(trainer, state, start, next_batch, evaluate, save_at, writer, ckpt,
+                  f"train {trainer.run.family}")  # fmt: skip
     return state, eval_rows
 
 

@@ -17,7 +17,7 @@ from jaxgen.data import demo_tasks, tasks
 from jaxgen.models import lora as lora_lib
 from jaxgen.objectives import task as task_lib
 from jaxgen.tools import generate
-from jaxgen.train import checkpoint, finetune, loop
+from jaxgen.train import checkpoint, faults, finetune, loop
 
 FAST = ["model.vocab_size=2000", "data.seq_len=32", "train.batch_size=16",
         "optim.learning_rate=1e-3", "train.epochs=3", "train.eval_every=21"]  # fmt: skip
@@ -78,6 +78,28 @@ def test_running_a_finished_fine_tuning_again_changes_nothing(bert_run, sst2_dir
     run = _config("sst2@smoke", f"data.task_dir={sst2_dir}")
     assert finetune.finetune(run, workdir) == results
     assert (workdir / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_preempted_fine_tuning_saves_and_resumes_exactly(
+    bert_run, sst2_dir, tmp_path, monkeypatch
+):
+    """SIGTERM after step 10 (between evaluations): a checkpoint at 10, then the same command
+    finishes with the uninterrupted run's evaluations."""
+    _, want = bert_run
+    run = _config("sst2@smoke", f"data.task_dir={sst2_dir}")
+    monkeypatch.setenv(faults.ENV, "term@step:10")
+    with pytest.raises(loop.Preempted, match="SIGTERM received: saved a checkpoint at step 10"):
+        finetune.finetune(run, tmp_path)
+    assert checkpoint.Checkpointer(tmp_path).steps() == [10]
+    monkeypatch.delenv(faults.ENV)
+    got = finetune.finetune(run, tmp_path)
+    assert got["best_step"] == want["best_step"] and got["num_steps"] == want["num_steps"]
+    for key in ("best", "last"):
+        assert got[key].keys() == want[key].keys(), key
+        for name, value in want[key].items():
+            assert got[key][name] == (value if name == "split" else pytest.approx(value, rel=1e-5))
+    assert [r["step"] for r in _eval_rows(tmp_path)] == [0, 21, 42]
 
 
 def test_evaluation_counts_every_dev_example_once(bert_run, sst2_dir):
