@@ -45,37 +45,30 @@ def _settings(
 
 
 def _tokens(ids: Any, name: str, vocab_size: int | None = None) -> jax.Array:
-    if isinstance(ids, jax.Array):  # checked where it lies: a batch may span several hosts
-        return _device_tokens(ids, name, vocab_size)
-    ids = np.asarray(ids)
+    # A device array is checked where it lies: a global batch of a multi-host mesh has no host copy.
+    if not isinstance(ids, jax.Array):
+        ids = np.asarray(ids)
     if ids.ndim != 2:
         raise ValueError(f"{name} must be [batch, length] token ids; got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
     # XLA would silently clamp an out-of-range id to the last embedding row.
-    if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(
-            f"{name} has ids outside [0, {vocab_size}): min {ids.min()}, max {ids.max()}"
-        )
-    return jnp.asarray(ids, jnp.int32)
-
-
-def _device_tokens(ids: jax.Array, name: str, vocab_size: int | None) -> jax.Array:
-    """`_tokens` of a device array (a global batch of a multi-host mesh has no host copy): the
-    range check reduces on the devices, and only its two numbers come back."""
-    if ids.ndim != 2:
-        raise ValueError(f"{name} must be [batch, length] token ids; got shape {ids.shape}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
     if vocab_size is not None and ids.size:
         low, high = (int(v) for v in np.asarray(_id_range(ids)))  # replicated: every host has it
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{name} has ids outside [0, {vocab_size}): min {low}, max {high}")
-    return ids.astype(jnp.int32)
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _id_range(ids: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """[min, max] of token ids: on the host for a host array, on the devices for a device one."""
+    if isinstance(ids, np.ndarray):
+        return np.array([ids.min(), ids.max()])
+    return _device_id_range(ids)
 
 
 @jax.jit
-def _id_range(ids: jax.Array) -> jax.Array:
+def _device_id_range(ids: jax.Array) -> jax.Array:
     return jnp.stack([jnp.min(ids), jnp.max(ids)])
 
 
