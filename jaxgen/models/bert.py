@@ -17,6 +17,10 @@ Parameter tree (D d_model, N heads, H head_dim, F d_ff, V vocab, L max_len, ever
     classifier/kernel [D, C], bias [C] (model.num_labels = C > 0)
     span/kernel [D, 2], bias [2] (model.span_head)
 
+Given masked_positions (and no span head), an unrolled stack's last layer computes only the rows
+the heads read, [CLS] and those positions (its keys and values still cover every token): in a
+fine-tuning step the last layer's queries, attention and MLP run at 2 of T positions.
+
 With `scan_layers` the layers_{i} subtrees are one `layers` subtree, each leaf stacked `[L, ...]`
 (logical axis `layers` first; see `jaxgen.models.scan`).
 """
@@ -52,8 +56,11 @@ class BertBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-        """x `[B, T, D]`, kv_segment_ids `[B, T]` (the attention mask) -> `[B, T, D]`."""
+    def __call__(
+        self, x: jax.Array, kv_segment_ids: jax.Array, query_positions: jax.Array | None = None
+    ) -> jax.Array:
+        """x `[B, T, D]`, kv_segment_ids `[B, T]` (the attention mask) -> `[B, T, D]`, or only
+        the rows at query_positions `[B, Q]` -> `[B, Q, D]` (keys and values still cover all T)."""
         cfg, det, dtype = self.config, self.deterministic, self.config.compute_dtype
         std = cfg.init_std
         attn = MultiHeadAttention(
@@ -69,8 +76,12 @@ class BertBlock(nn.Module):
             lora=cfg.lora,
             name="attention",
         )
+        kv = None
+        if query_positions is not None:
+            x, kv = jnp.take_along_axis(x, query_positions[:, :, None], axis=1), x
         # Every query (padding too, as in HF) sees every real key: queries all in segment 1.
-        h = attn(x, segment_ids=jnp.ones_like(kv_segment_ids), kv_segment_ids=kv_segment_ids)
+        queries = jnp.ones(x.shape[:2], jnp.int32)
+        h = attn(x, kv, segment_ids=queries, kv_segment_ids=kv_segment_ids)
         h = Dropout(cfg.dropout)(h, deterministic=det)
         x = LayerNorm(cfg.layer_norm_eps, dtype, name="attention_norm")(x + h)
         h = Mlp(
@@ -143,17 +154,27 @@ class Bert(nn.Module):
 
         block_cls = scan.remat(BertBlock, cfg)
         kv_segment_ids = attention_mask.astype(jnp.int32)
+        # The heads read the last layer at [CLS] (pooler) and at the masked positions (MLM) only,
+        # unless the span head reads every token. An unrolled stack's last layer then computes
+        # only those rows: its keys and values cover every token, but its queries, attention
+        # output and MLP run at 1 + P of T positions. A scanned stack runs every layer in full
+        # (one compiled step) and gathers the rows after it.
+        read = None
+        if masked_positions is not None and not cfg.span_head:
+            cls_position = jnp.zeros((batch, 1), jnp.int32)
+            read = jnp.concatenate([cls_position, masked_positions.astype(jnp.int32)], axis=1)
         if cfg.scan_layers:
             block = block_cls(cfg, deterministic, name=scan.STACKED)
             x = scan.scan_stack(block, x, kv_segment_ids, length=cfg.num_layers)
+            if read is not None:
+                x = jnp.take_along_axis(x, read[:, :, None], axis=1)
         else:
             for i in range(cfg.num_layers):
-                x = block_cls(cfg, deterministic, name=f"layers_{i}")(x, kv_segment_ids)
+                last = read if i == cfg.num_layers - 1 else None
+                x = block_cls(cfg, deterministic, name=f"layers_{i}")(x, kv_segment_ids, last)
 
         # MLM head: only the gathered positions go through the transform and the vocab projection.
-        h = x
-        if masked_positions is not None:
-            h = jnp.take_along_axis(x, masked_positions[:, :, None].astype(jnp.int32), axis=1)
+        h = x if read is None else x[:, 1:]  # [B, P or T, D]
         h = Dense(
             (cfg.d_model,), ("embed", "mlp"), std=cfg.init_std, dtype=dtype, name="mlm_dense"
         )(h)  # [B, P, D]

@@ -3,8 +3,9 @@
 An example is `[CLS] a [SEP]` (segment 0) `b [SEP]` (segment 1), padded with [PAD] to seq_len,
 the longer text cut from its end to fit (`task.truncate_pair`). The model's `classifier_logits
 [B, model.num_labels]` are scored with cross-entropy, or with the squared error when num_labels is
-1 (STS-B). The pretraining MLM head is given one position per row, so it costs nothing. The module
-implements `jaxgen.objectives.TaskObjective`.
+1 (STS-B). The pretraining MLM head is given one position per row, so it costs nothing, and the
+last layer then computes only [CLS] and that row (`jaxgen.models.bert`). The module implements
+`jaxgen.objectives.TaskObjective`.
 """
 
 from __future__ import annotations
