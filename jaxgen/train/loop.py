@@ -186,6 +186,7 @@ def build_trainer(run: RunConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
         grad_accum=run.train.grad_accum,
         z_loss=run.train.z_loss,
         skip_nonfinite_or_spike=run.train.skip_nonfinite_or_spike,
+        trained=lora_lib.trained if run.lora.rank else None,
     )
     state, shardings = step_lib.create_train_state(
         module, objective, optimizer, run.data, run.train.seed, mesh

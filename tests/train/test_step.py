@@ -131,3 +131,40 @@ def test_guarded_update_skips_nonfinite_and_records_the_step():
     )
     assert int(good.skipped) == 0 and int(good.nonfinite_step) == -1 and int(good.step) == 1
     assert float(norm) == pytest.approx(np.sqrt(3.0))
+
+
+def test_lora_grad_fn_differentiates_only_the_trained_parameters():
+    """With `trained`, the adapters' (and heads') gradients equal the full gradient's; the frozen
+    weights get exact zeros, though their full gradient is not zero."""
+    from jaxgen.models import lora
+
+    run = config_lib.load_config("configs/bert.py:smoke", SHRINK + EXTRA["bert"] + ["lora.rank=2"])
+    module, objective = models.build(run.model, run.lora), objectives.get("bert")
+    params = jax.jit(step_lib.init_params_fn(module, objective, run.data))(jax.random.key(0))
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                          is_leaf=lambda x: hasattr(x, "value"))  # fmt: skip
+    # lora_b starts at zero, which would zero lora_a's gradient: give it values.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, 0.1) if str(p[-1].key) == "lora_b" else x, params
+    )
+    batch = objective.synthetic_batch(run.model, run.data, BATCH, np.random.default_rng(1))
+    weights = objective.loss_weights(batch)
+    full = step_lib.make_grad_fn(module, objective, 0.0)
+    partial = step_lib.make_grad_fn(module, objective, 0.0, lora.trained)
+    (loss_full, _), grads_full = jax.jit(full)(params, batch, jax.random.key(3), weights)
+    (loss, _), grads = jax.jit(partial)(params, batch, jax.random.key(3), weights)
+    np.testing.assert_allclose(loss, loss_full, rtol=RTOL)
+    kinds, frozen_moved = set(), False
+    for (path, g), f in zip(
+        jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_full), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        if lora.trained(path):
+            kinds.add("adapter" if lora.is_adapter(path) else "head")
+            np.testing.assert_allclose(g, f, rtol=1e-4, atol=ATOL, err_msg=name)
+            assert np.any(g != 0), name
+        else:
+            assert not np.any(g), name
+            assert g.shape == f.shape and g.dtype == f.dtype, name
+            frozen_moved |= bool(np.any(f != 0))
+    assert kinds == {"adapter"} and frozen_moved  # the pretraining model has no task head
