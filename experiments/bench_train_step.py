@@ -25,7 +25,9 @@ same process, so both frameworks are measured with the same allocator.
 Model FLOPs (stated so they can be checked): 6 x (matmul parameters) x (tokens they process) for
 forward and backward, plus 12 x layers x (heads x head_dim) x (key length) per query token for
 attention, counted in full for causal attention (not halved). BERT's MLM head (dense + vocabulary
-projection) counts at the masked positions only; embeddings lookups count 0.
+projection) counts at the masked positions only; its encoder counts every layer at every token,
+though jaxgen computes the last layer's queries, attention and MLP at the rows the heads read only
+(so BERT's MFU is above what its step executes); embeddings lookups count 0.
 """
 
 from __future__ import annotations
