@@ -29,15 +29,17 @@ SHRINK = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.
 EXTRA = {"bert": ["data.max_predictions=6"], "gpt": [], "t5": ["model.num_decoder_layers=1"]}
 
 
-def setup(family: str, z_loss: float = 0.0):
+def setup(family: str, z_loss: float = 0.0, overrides: tuple[str, ...] = (), trained=None):
     """(objective, grad_fn, params, batch) of a tiny model and a padded synthetic batch."""
-    run = config_lib.load_config(f"configs/{family}.py:smoke", SHRINK + EXTRA[family])
-    module, objective = models.build(run.model), objectives.get(family)
+    run = config_lib.load_config(
+        f"configs/{family}.py:smoke", SHRINK + EXTRA[family] + [*overrides]
+    )
+    module, objective = models.build(run.model, run.lora), objectives.get(family)
     params = jax.jit(step_lib.init_params_fn(module, objective, run.data))(jax.random.key(0))
     params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                           is_leaf=lambda x: hasattr(x, "value"))  # fmt: skip
     batch = objective.synthetic_batch(run.model, run.data, BATCH, np.random.default_rng(1))
-    return objective, step_lib.make_grad_fn(module, objective, z_loss), params, batch
+    return objective, step_lib.make_grad_fn(module, objective, z_loss, trained), params, batch
 
 
 def micro_weights(objective, batch, accum: int) -> list[dict[str, float]]:
@@ -138,19 +140,14 @@ def test_lora_grad_fn_differentiates_only_the_trained_parameters():
     weights get exact zeros, though their full gradient is not zero."""
     from jaxgen.models import lora
 
-    run = config_lib.load_config("configs/bert.py:smoke", SHRINK + EXTRA["bert"] + ["lora.rank=2"])
-    module, objective = models.build(run.model, run.lora), objectives.get("bert")
-    params = jax.jit(step_lib.init_params_fn(module, objective, run.data))(jax.random.key(0))
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                          is_leaf=lambda x: hasattr(x, "value"))  # fmt: skip
+    rank = ("lora.rank=2",)
+    objective, full, params, batch = setup("bert", overrides=rank)
+    partial = setup("bert", overrides=rank, trained=lora.trained)[1]
     # lora_b starts at zero, which would zero lora_a's gradient: give it values.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.full_like(x, 0.1) if str(p[-1].key) == "lora_b" else x, params
     )
-    batch = objective.synthetic_batch(run.model, run.data, BATCH, np.random.default_rng(1))
     weights = objective.loss_weights(batch)
-    full = step_lib.make_grad_fn(module, objective, 0.0)
-    partial = step_lib.make_grad_fn(module, objective, 0.0, lora.trained)
     (loss_full, _), grads_full = jax.jit(full)(params, batch, jax.random.key(3), weights)
     (loss, _), grads = jax.jit(partial)(params, batch, jax.random.key(3), weights)
     np.testing.assert_allclose(loss, loss_full, rtol=RTOL)
